@@ -1,0 +1,5 @@
+import sys
+
+from roost.cli import main
+
+sys.exit(main())

@@ -1,0 +1,304 @@
+"""The protocols every algorithm implements, and the algorithm registry.
+
+An algorithm is one file holding both halves of a federated method:
+
+* the server half, a :class:`Strategy`: selects clients, says what to send them
+  (:class:`Payload`), and steps the global model from the clients' aggregated results;
+* the client half, :meth:`Algorithm.update`: a plain function
+  ``(ctx, model, data, payload, state) -> UpdateOutput(result, state, metrics)``.
+
+Results are combined through :class:`Contribution`, a weighted sum
+``(Σ_k w_k x_k, Σ_k w_k)`` over named tensors and scalars. Sums are associative, so a
+runtime may fold many clients on one worker and the server then adds the workers' partial
+sums (FedML Parrot's local + global aggregation) without the algorithm knowing. A strategy
+whose rule is not a weighted mean (median, Krum) sets ``Strategy.aggregation =
+"per_client"`` and is handed one Contribution per client instead.
+
+Client procedures that must talk to the server mid-task (split learning, FedASMU's fetch of
+a fresher global model) may be generator functions: they ``yield`` a request and receive the
+answer; the runtime drives them with :func:`drive`. Plain functions never see this.
+
+Algorithms never import a runtime, clock or transport.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Generator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
+
+import numpy as np
+import torch
+
+from roost.registry import Registry, check
+
+if TYPE_CHECKING:
+    from roost.data.base import ClientData
+    from roost.params import FlatModel
+
+__all__ = [
+    "ALGORITHMS",
+    "Algorithm",
+    "ClientContext",
+    "ClientOptimConfig",
+    "ClientResult",
+    "Contribution",
+    "Payload",
+    "Strategy",
+    "UpdateOutput",
+    "drive",
+    "register_algorithm",
+]
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ClientOptimConfig:
+    """Local training shared by the SGD-family algorithms (Flower's names where they exist).
+
+    Attributes:
+        local_epochs: passes over the client's examples per task.
+        batch_size: minibatch size; the last minibatch of an epoch may be short.
+        lr: local learning rate η_l.
+        momentum: heavy-ball momentum ρ of local SGD (0 = plain SGD).
+        weight_decay: L2 coefficient added to the gradient.
+        shuffle: reshuffle the client's examples every epoch (seeded per task); False visits
+            them in stored order, as W1 prescribes.
+    """
+
+    local_epochs: int = 1
+    batch_size: int = 20
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        check(self.local_epochs >= 1, "local_epochs", self.local_epochs, "must be >= 1")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        check(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "must be a number > 0")
+        check(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+
+
+@dataclass
+class Payload:
+    """What the server sends to a client: the flat global parameters and named extras
+    (e.g. SCAFFOLD's server control variate), stamped with the model version."""
+
+    params: torch.Tensor
+    version: int
+    extras: Tensors = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * (self.params.numel() + sum(t.numel() for t in self.extras.values()))
+
+
+@dataclass
+class ClientResult:
+    """One client's output: tensors and scalars to be averaged with weight ``weight``.
+
+    The tensors may alias the runtime's resident model; they are valid until the runtime
+    starts its next task, so a runtime folds them into a :class:`Contribution` at once.
+    """
+
+    tensors: Tensors
+    weight: float
+    scalars: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * sum(t.numel() for t in self.tensors.values())
+
+
+class Contribution:
+    """A running weighted sum of client results: ``sums[k] = Σ w_i x_i[k]``, ``weight = Σ w_i``.
+
+    ``fold`` adds one client, ``merge`` adds another partial sum; both are associative and
+    commutative up to float summation order, which is what lets a runtime pre-reduce.
+    """
+
+    __slots__ = ("clients", "count", "scalar_sums", "sums", "weight")
+
+    def __init__(self) -> None:
+        self.sums: Tensors = {}
+        self.scalar_sums: dict[str, float] = {}
+        self.weight = 0.0
+        self.count = 0
+        self.clients: list[int] = []
+
+    def fold(self, result: ClientResult, client_id: int) -> None:
+        w = float(result.weight)
+        for name, t in result.tensors.items():
+            acc = self.sums.get(name)
+            if acc is None:
+                self.sums[name] = t.detach().mul(w) if w != 1.0 else t.detach().clone()
+            else:
+                acc.add_(t.detach(), alpha=w)
+        for name, v in result.scalars.items():
+            self.scalar_sums[name] = self.scalar_sums.get(name, 0.0) + w * float(v)
+        self.weight += w
+        self.count += 1
+        self.clients.append(client_id)
+
+    def merge(self, other: Contribution) -> None:
+        for name, t in other.sums.items():
+            acc = self.sums.get(name)
+            if acc is None:
+                self.sums[name] = t.clone()
+            else:
+                acc.add_(t)
+        for name, v in other.scalar_sums.items():
+            self.scalar_sums[name] = self.scalar_sums.get(name, 0.0) + v
+        self.weight += other.weight
+        self.count += other.count
+        self.clients.extend(other.clients)
+
+    def mean(self, name: str) -> torch.Tensor:
+        """The weighted mean ``Σ w_i x_i / Σ w_i`` of tensor ``name``."""
+        return self.sums[name] / self.weight
+
+    def scalar_mean(self, name: str) -> float:
+        return self.scalar_sums[name] / self.weight
+
+
+@dataclass
+class ClientContext:
+    """Everything about one client task that is not the model, data, payload or state."""
+
+    client_id: int
+    round: int
+    seed: int
+    num_examples: int
+    generator: torch.Generator
+
+
+class UpdateOutput(NamedTuple):
+    result: ClientResult
+    state: Tensors | None
+    metrics: dict[str, float]
+
+
+UpdateReturn = UpdateOutput | Generator[Any, Any, UpdateOutput]
+
+
+def drive(out: UpdateReturn, respond: Callable[[Any], Any]) -> UpdateOutput:
+    """Run a client procedure to completion.
+
+    A plain update returns its :class:`UpdateOutput` directly. A generator procedure yields
+    requests to the server; ``respond(request)`` answers each one (in simulation by the
+    engine at the right virtual time, in deployment over the network).
+    """
+    if isinstance(out, UpdateOutput):
+        return out
+    try:
+        request = next(out)
+        while True:
+            request = out.send(respond(request))
+    except StopIteration as stop:
+        value = stop.value
+        if not isinstance(value, UpdateOutput):
+            raise TypeError("a client procedure must return an UpdateOutput") from None
+        return value
+
+
+class Strategy:
+    """Server half of an algorithm. Subclasses override :meth:`step` at least.
+
+    The default selection draws the cohort uniformly without replacement from the
+    candidates with the engine's per-round generator (W1's stream ``default_rng([seed, 4,
+    r])``), in the drawn order.
+    """
+
+    aggregation: ClassVar[Literal["sum", "per_client"]] = "sum"
+
+    def __init__(self) -> None:
+        self.params = torch.empty(0)
+        self.version = 0
+
+    def initialize(self, params: torch.Tensor) -> None:
+        """Take the initial global parameters (flat, owned by the strategy from now on)."""
+        self.params = params.detach().clone()
+        self.version = 0
+
+    def select(
+        self, round: int, candidates: np.ndarray, k: int, rng: np.random.Generator
+    ) -> list[int]:
+        k = min(k, len(candidates))
+        return [int(c) for c in candidates[rng.choice(len(candidates), size=k, replace=False)]]
+
+    def payload(self, round: int) -> Payload:
+        return Payload(self.params, self.version)
+
+    def step(self, round: int, contributions: Sequence[Contribution]) -> dict[str, float]:
+        """Update :attr:`params` from this round's results; return server metrics.
+
+        With ``aggregation == "sum"`` there is exactly one contribution (all clients folded);
+        with ``"per_client"`` one per client, in arrival order.
+        """
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: the global model plus any server optimiser state."""
+        return {"params": self.params, "version": self.version}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.params = state["params"].clone()
+        self.version = int(state["version"])
+
+
+class Algorithm:
+    """One federated method: its config, server strategy and client update rule.
+
+    Subclasses set ``Config`` and implement :meth:`make_strategy` and :meth:`update`.
+    ``client_state_numel`` declares the per-client state a stateful method keeps (0 for
+    stateless ones); the runtime stores it in a ClientStateStore between tasks.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[ClientOptimConfig]] = ClientOptimConfig
+
+    def __init__(self, config: ClientOptimConfig) -> None:
+        self.config = config
+
+    def make_strategy(self) -> Strategy:
+        raise NotImplementedError
+
+    def update(
+        self,
+        ctx: ClientContext,
+        model: FlatModel,
+        data: ClientData,
+        payload: Payload,
+        state: Tensors | None,
+    ) -> UpdateReturn:
+        raise NotImplementedError
+
+    def client_state_numel(self, num_params: int) -> int:
+        return 0
+
+    def work_examples(self, num_examples: int) -> int:
+        """Examples processed by one task (for the system model's compute time)."""
+        return num_examples * self.config.local_epochs
+
+    def upload_nbytes(self, num_params: int) -> int:
+        """Bytes a client uploads per task (default: one float32 model)."""
+        return 4 * num_params
+
+
+ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm")
+
+
+def register_algorithm(name: str) -> Callable[[type[Algorithm]], type[Algorithm]]:
+    """Class decorator: register an :class:`Algorithm` subclass under ``name``."""
+
+    def deco(cls: type[Algorithm]) -> type[Algorithm]:
+        cls.name = name
+        assert dataclasses.is_dataclass(cls.Config)
+        return ALGORITHMS.register(name, cls.Config)(cls)
+
+    return deco

@@ -1,0 +1,96 @@
+"""FedProx: FedAvg with a proximal term in the local objective.
+
+Li, Sahu, Zaheer, Sanjabi, Talwalkar, Smith, "Federated Optimization in Heterogeneous
+Networks", MLSys 2020 (arXiv 1812.06127).
+
+Client k approximately minimises ``h_k(w) = F_k(w) + (μ/2)||w − w^t||²`` from ``w^t`` with
+the shared local SGD loop; the proximal term enters as a gradient correction::
+
+    g ← ∇F_k(w) + λ w + μ (w − w^t)
+
+With ``μ = 0`` the correction is not installed at all, so FedProx is bit-identical to
+FedAvg. The server is FedAvg's (:class:`~roost.algorithms.fedavg.FedAvgStrategy`, held by
+composition): ``w^{t+1} = Σ n_k w_k / Σ n_k`` (uniform with ``weighted=False``; the paper
+samples devices ∝ n_k and then averages uniformly, Flower and PFLlib weight by ``n_k``).
+Partial work of stragglers is modelled by the runtime/system model, not here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from roost.algorithms.base import (
+    Algorithm,
+    ClientContext,
+    Payload,
+    Strategy,
+    Tensors,
+    UpdateOutput,
+    register_algorithm,
+)
+from roost.algorithms.fedavg import FedAvg, FedAvgConfig, fedavg_update
+from roost.algorithms.local_sgd import GradCorrection
+from roost.data.base import ClientData
+from roost.params import FlatModel
+from roost.registry import check
+
+__all__ = ["FedProx", "FedProxConfig"]
+
+
+@dataclass(frozen=True)
+class FedProxConfig(FedAvgConfig):
+    """mu: proximal coefficient μ >= 0 (paper grid 0.001, 0.01, 0.1, 1; 0 = FedAvg)."""
+
+    mu: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.mu >= 0 and math.isfinite(self.mu), "mu", self.mu, "must be a number >= 0")
+
+
+def proximal_correction(anchor: torch.Tensor, mu: float) -> GradCorrection:
+    """The gradient of ``(μ/2)||w − anchor||²``, added in place: ``g += μ (w − anchor)``.
+
+    One scratch vector per task; nothing is allocated per step.
+    """
+    scratch = torch.empty_like(anchor)
+
+    def correction(params: torch.Tensor, grads: torch.Tensor) -> None:
+        torch.sub(params, anchor, out=scratch)
+        grads.add_(scratch, alpha=mu)
+
+    return correction
+
+
+@register_algorithm("fedprox")
+class FedProx(Algorithm):
+    """FedProx (Li et al. 2020): local SGD on F_k + (μ/2)||w − w^t||², FedAvg server."""
+
+    Config = FedProxConfig
+    config: FedProxConfig
+
+    def __init__(self, config: FedProxConfig) -> None:
+        super().__init__(config)
+        self.fedavg = FedAvg(config)
+
+    def make_strategy(self) -> Strategy:
+        return self.fedavg.make_strategy()
+
+    def update(
+        self,
+        ctx: ClientContext,
+        model: FlatModel,
+        data: ClientData,
+        payload: Payload,
+        state: Tensors | None,
+    ) -> UpdateOutput:
+        cfg = self.config
+        correction = None
+        if cfg.mu != 0:
+            if payload.params.data_ptr() == model.params.data_ptr():
+                raise ValueError("FedProx needs w^t apart from the resident model it trains")
+            correction = proximal_correction(payload.params, cfg.mu)
+        return fedavg_update(ctx, model, data, cfg, cfg.weighted, correction)

@@ -1,0 +1,332 @@
+"""Run configuration: presets, config files, ``key=value`` overrides, validation.
+
+A run's configuration is a small tree. Top-level keys are the run's own settings
+(:class:`RunConfig`); each *component* (``algorithm``, ``data``, ``partition``, ``model``,
+``system``, ``runtime``) is chosen by name and configured by its own typed dataclass::
+
+    roost run quickstart algorithm=fedprox algorithm.mu=0.01 rounds=20
+
+``KIND=NAME`` selects a component (its previous parameters are dropped when the name
+changes, since they belonged to the other one); ``KIND.FIELD=VALUE`` sets a field. A file
+(TOML, YAML or JSON) holds the same tree, components either as ``algorithm = "fedavg"`` or
+as a table with a ``name`` key, and may start from a preset with ``preset = "NAME"``.
+Unknown keys and bad values raise :class:`~roost.registry.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from roost.registry import ConfigError, Registry, build_config, check, config_fields
+
+__all__ = [
+    "COMPONENT_DEFAULTS",
+    "PRESETS",
+    "ConfigFileError",
+    "ResolvedConfig",
+    "RunConfig",
+    "apply_overrides",
+    "load_config_source",
+    "resolve",
+]
+
+
+class ConfigFileError(ValueError):
+    """A config file could not be read or parsed; the message says where."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The run's own settings.
+
+    Attributes:
+        rounds: number of server rounds.
+        clients: number of clients (None: as many as the data defines).
+        clients_per_round: cohort size m; the round ends when m clients have reported.
+        seed: seeds every random stream of the run.
+        eval_every: evaluate on the central test split every N rounds (0: only after the
+            last round); the last round is always evaluated.
+        over_selection: select ceil(m * (1 + over_selection)) clients and count the first m
+            to arrive (FedScale's over-commitment); the rest are dropped before they are
+            computed.
+        deadline_s: a round's deadline in virtual seconds; clients that would arrive later
+            are dropped before they are computed (None: no deadline).
+        threads: torch intra-op threads (None: torch's default).
+    """
+
+    rounds: int = 10
+    clients: int | None = None
+    clients_per_round: int = 10
+    seed: int = 0
+    eval_every: int = 1
+    over_selection: float = 0.0
+    deadline_s: float | None = None
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        check(self.rounds >= 1, "rounds", self.rounds, "must be >= 1")
+        check(self.clients is None or self.clients >= 1, "clients", self.clients, "must be >= 1")
+        check(
+            self.clients_per_round >= 1, "clients_per_round", self.clients_per_round, "must be >= 1"
+        )
+        check(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        check(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0")
+        check(
+            self.over_selection >= 0 and math.isfinite(self.over_selection),
+            "over_selection",
+            self.over_selection,
+            "must be >= 0",
+        )
+        check(
+            self.deadline_s is None or self.deadline_s > 0,
+            "deadline_s",
+            self.deadline_s,
+            "must be > 0 or none",
+        )
+        check(self.threads is None or self.threads >= 1, "threads", self.threads, "must be >= 1")
+
+
+COMPONENT_DEFAULTS: dict[str, str] = {
+    "algorithm": "fedavg",
+    "data": "digits",
+    "partition": "auto",
+    "model": "mlp",
+    "system": "homogeneous",
+    "runtime": "local",
+}
+
+
+def component_registries() -> dict[str, Registry[Any]]:
+    """The registries, imported here so that importing roost.config stays cheap."""
+    import roost.algorithms  # noqa: F401  (registers the algorithms)
+    from roost.algorithms.base import ALGORITHMS
+    from roost.data import DATA
+    from roost.data.partition import PARTITIONERS
+    from roost.models import MODELS
+    from roost.runtime import RUNTIMES
+    from roost.system import SYSTEMS
+
+    return {
+        "algorithm": ALGORITHMS,
+        "data": DATA,
+        "partition": PARTITIONERS,
+        "model": MODELS,
+        "system": SYSTEMS,
+        "runtime": RUNTIMES,
+    }
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """A validated run configuration: the run settings and each component's (name, config)."""
+
+    run: RunConfig
+    components: Mapping[str, tuple[str, Any]]
+
+    def name(self, kind: str) -> str:
+        return self.components[kind][0]
+
+    def config(self, kind: str) -> Any:
+        return self.components[kind][1]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The full tree, every default filled in; feeding it back resolves to the same."""
+        out: dict[str, Any] = dataclasses.asdict(self.run)
+        for kind, (name, cfg) in self.components.items():
+            fields = {k: _jsonable(v) for k, v in dataclasses.asdict(cfg).items()}
+            out[kind] = {"name": name, **fields}
+        return out
+
+
+def _jsonable(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def _quickstart() -> dict[str, Any]:
+    """The README demo: real handwritten digits, 100 non-IID clients on heterogeneous devices."""
+    return {
+        "rounds": 30,
+        "clients": 100,
+        "clients_per_round": 10,
+        "eval_every": 1,
+        "algorithm": {"name": "fedavg", "lr": 0.1, "batch_size": 10, "local_epochs": 2},
+        "data": {"name": "digits"},
+        "partition": {"name": "dirichlet", "alpha": 0.5},
+        "model": {"name": "mlp", "hidden": [64]},
+        "system": {"name": "heterogeneous"},
+    }
+
+
+def _w1() -> dict[str, Any]:
+    """WORKLOADS.md W1: 1000 synthetic clients, 100 per round, 5 rounds of FedAvg."""
+    return {
+        "rounds": 5,
+        "clients": 1000,
+        "clients_per_round": 100,
+        "eval_every": 0,
+        "algorithm": {
+            "name": "fedavg",
+            "lr": 0.05,
+            "batch_size": 20,
+            "local_epochs": 1,
+            "momentum": 0.0,
+            "weight_decay": 0.0,
+            "shuffle": False,
+        },
+        "data": {"name": "w1"},
+        "partition": {"name": "natural"},
+        "model": {"name": "mlp"},
+        "system": {"name": "homogeneous"},
+    }
+
+
+PRESETS: dict[str, Callable[[], dict[str, Any]]] = {"quickstart": _quickstart, "w1": _w1}
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _parse_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigFileError(f"{path}: cannot read: {e.strerror or e}") from None
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover
+            import tomli as tomllib
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigFileError(f"{path}: invalid TOML: {e}") from None
+    elif suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ModuleNotFoundError:
+            raise ConfigFileError(
+                f"{path}: reading YAML needs PyYAML: pip install 'roost[yaml]'"
+            ) from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            raise ConfigFileError(f"{path}: invalid YAML: {where}{e}") from None
+    elif suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigFileError(
+                f"{path}: invalid JSON: line {e.lineno}, column {e.colno}: {e.msg}"
+            ) from None
+    else:
+        raise ConfigFileError(
+            f"{path}: unknown config format {suffix!r}; use .toml, .yaml or .json"
+        )
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"{path}: the top level must be a table of keys")
+    return data
+
+
+def load_config_source(source: str) -> dict[str, Any]:
+    """A preset name or a config file path -> the raw config tree (not yet validated)."""
+    if source in PRESETS:
+        return PRESETS[source]()
+    path = Path(source)
+    if not path.exists():
+        raise ConfigError(
+            "config", source, f"no such preset or file; presets: {', '.join(sorted(PRESETS))}"
+        )
+    tree = _parse_file(path)
+    base_name = tree.pop("preset", None)
+    if base_name is None:
+        return tree
+    if base_name not in PRESETS:
+        raise ConfigError("preset", base_name, f"allowed: {', '.join(sorted(PRESETS))}")
+    base = PRESETS[base_name]()
+    for key, value in tree.items():
+        if key in COMPONENT_DEFAULTS:
+            _set_component(base, key, value)
+        else:
+            base[key] = value
+    return base
+
+
+def _component_entry(key: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, str):
+        return {"name": value}
+    if isinstance(value, Mapping):
+        entry = dict(value)
+        if "name" in entry and not isinstance(entry["name"], str):
+            raise ConfigError(f"{key}.name", entry["name"], "expected a string")
+        return entry
+    raise ConfigError(key, value, "expected a name or a table with a name key")
+
+
+def _set_component(tree: dict[str, Any], kind: str, value: Any) -> None:
+    new = _component_entry(kind, value)
+    old = _component_entry(kind, tree.get(kind, {}))
+    if "name" in new and new["name"] != old.get("name"):
+        tree[kind] = new
+    else:
+        tree[kind] = {**old, **new}
+
+
+def apply_overrides(tree: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``key=value`` strings in order; returns a new tree."""
+    out = copy.deepcopy(dict(tree))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(item, "", "expected KEY=VALUE (e.g. rounds=20 or algorithm.mu=0.01)")
+        kind, dot, field = key.partition(".")
+        if kind in COMPONENT_DEFAULTS:
+            if not dot:
+                _set_component(out, kind, value)
+            else:
+                entry = _component_entry(kind, out.get(kind, {}))
+                entry[field] = value
+                out[kind] = entry
+        elif dot:
+            raise ConfigError(
+                key, value, f"unknown section {kind!r}; sections: {', '.join(COMPONENT_DEFAULTS)}"
+            )
+        else:
+            out[key] = value
+    return out
+
+
+def resolve(tree: Mapping[str, Any]) -> ResolvedConfig:
+    """Validate a raw tree into a :class:`ResolvedConfig` (defaults filled in)."""
+    registries = component_registries()
+    run_values: dict[str, Any] = {}
+    allowed_top = sorted([*config_fields(RunConfig), *COMPONENT_DEFAULTS])
+    for key, value in tree.items():
+        if key in COMPONENT_DEFAULTS:
+            continue
+        if key not in config_fields(RunConfig):
+            raise ConfigError(key, value, f"unknown key; allowed: {', '.join(allowed_top)}")
+        run_values[key] = value
+    run = build_config(RunConfig, run_values, "")
+    components: dict[str, tuple[str, Any]] = {}
+    for kind, default in COMPONENT_DEFAULTS.items():
+        entry = _component_entry(kind, tree.get(kind, {}))
+        name = entry.pop("name", default)
+        registry = registries[kind]
+        registry.get(name)
+        components[kind] = (name, registry.config(name, entry))
+    return ResolvedConfig(run, components)

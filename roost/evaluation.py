@@ -1,0 +1,28 @@
+"""Evaluation of a model on a held-out split: mean cross-entropy and top-1 accuracy."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from roost.data.base import ClientData
+
+__all__ = ["evaluate"]
+
+
+@torch.no_grad()
+def evaluate(module: nn.Module, data: ClientData, batch_size: int = 2048) -> tuple[float, float]:
+    """Return ``(mean loss, accuracy)`` of ``module`` over ``data`` (example-weighted)."""
+    module.eval()
+    n = len(data)
+    if n == 0:
+        raise ValueError("cannot evaluate on an empty split")
+    loss_sum = 0.0
+    correct = 0
+    for start in range(0, n, batch_size):
+        xb, yb = data.x[start : start + batch_size], data.y[start : start + batch_size]
+        logits = module(xb)
+        loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == yb).sum())
+    return loss_sum / n, correct / n

@@ -1,0 +1,118 @@
+"""Flat parameter layout: one contiguous float32 vector per model.
+
+A module's parameters are re-pointed at views of one flat buffer, and their gradients at
+views of a second one, so that loading weights, averaging, optimiser steps, checkpoints and
+state slots are single contiguous operations with no per-tensor Python loop::
+
+    flat = FlatModel(module)
+    flat.load_(global_params)          # one memcpy, the module sees the new weights
+    loss.backward()                    # autograd accumulates into flat.grads in place
+    flat.params.add_(flat.grads, alpha=-lr)
+
+The layout (names, shapes, offsets) is fixed at construction and identical on every process
+that builds the same architecture, which is what lets a worker and the server exchange a
+model as a bare tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["FlatModel", "ParamLayout", "ParamSlot"]
+
+
+@dataclass(frozen=True)
+class ParamSlot:
+    """Where one named tensor lives inside the flat vector."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    numel: int
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """The fixed mapping between a module's named parameters and one flat vector."""
+
+    slots: tuple[ParamSlot, ...]
+    numel: int
+
+    @staticmethod
+    def of(module: nn.Module) -> ParamLayout:
+        slots: list[ParamSlot] = []
+        offset = 0
+        for name, p in module.named_parameters():
+            slots.append(ParamSlot(name, tuple(p.shape), offset, p.numel()))
+            offset += p.numel()
+        return ParamLayout(tuple(slots), offset)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one float32 copy of the parameters (what a transfer of the model costs)."""
+        return 4 * self.numel
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named views (no copies) of ``flat`` shaped like the module's tensors."""
+        if flat.numel() != self.numel:
+            raise ValueError(f"flat vector has {flat.numel()} elements, layout needs {self.numel}")
+        return {s.name: flat[s.offset : s.offset + s.numel].view(s.shape) for s in self.slots}
+
+    def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Copy named tensors (e.g. a ``state_dict``) into a new flat float32 vector."""
+        missing = [s.name for s in self.slots if s.name not in tensors]
+        if missing:
+            raise KeyError(f"tensors are missing parameters {missing}")
+        flat = torch.empty(self.numel, dtype=torch.float32)
+        for s in self.slots:
+            flat[s.offset : s.offset + s.numel].copy_(tensors[s.name].reshape(-1))
+        return flat
+
+
+class FlatModel:
+    """A module whose parameters and gradients are views of two flat float32 buffers.
+
+    ``params`` and ``grads`` stay the same tensors for the life of the object; every
+    per-client operation writes into them in place, so training thousands of clients on
+    one ``FlatModel`` allocates nothing per client.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.layout = ParamLayout.of(module)
+        self.params = torch.empty(self.layout.numel, dtype=torch.float32)
+        self.grads = torch.zeros(self.layout.numel, dtype=torch.float32)
+        param_views = self.layout.views(self.params)
+        grad_views = self.layout.views(self.grads)
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                param_views[name].copy_(p.detach())
+                p.data = param_views[name]
+                p.grad = grad_views[name]
+
+    @property
+    def numel(self) -> int:
+        return self.layout.numel
+
+    def load_(self, flat: torch.Tensor) -> None:
+        """Overwrite the weights in place with ``flat`` (one contiguous copy)."""
+        self.params.copy_(flat)
+
+    def zero_grad_(self) -> None:
+        self.grads.zero_()
+
+    def check_grads_bound(self) -> bool:
+        """True while every parameter's ``.grad`` is still a view of :attr:`grads`.
+
+        Autograd accumulates into an existing ``.grad`` in place, so the binding holds as
+        long as nobody sets ``.grad = None`` (``optimizer.zero_grad()`` would).
+        """
+        base = self.grads.data_ptr()
+        end = base + 4 * self.layout.numel
+        for p in self.module.parameters():
+            if p.grad is None or not (base <= p.grad.data_ptr() < end):
+                return False
+        return True

@@ -1,0 +1,213 @@
+"""``roost.run``: build a run from its config, drive the engine, keep the run directory.
+
+This is where the pieces are wired: the dataset, model, algorithm and its strategy, the
+system model, the runtime, and the callbacks that write metrics and checkpoints. The CLI's
+``roost run`` is a thin layer over :func:`run`.
+"""
+
+from __future__ import annotations
+
+import functools
+import resource
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from roost.algorithms.base import ALGORITHMS, Algorithm
+from roost.config import ResolvedConfig, resolve
+from roost.data import build_dataset
+from roost.data.base import DatasetInfo
+from roost.engine import Callback, Engine, History
+from roost.models import build_model
+from roost.params import ParamLayout
+from roost.runtime.base import RUNTIMES, Job
+from roost.state import InMemoryStateStore
+from roost.system import build_system
+from roost.track.progress import ProgressBar
+from roost.track.rundir import RunDir, RunDirError
+
+__all__ = ["build_module", "peak_rss_mb", "resume", "run"]
+
+CHECKPOINT_FORMAT = 1
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (Linux reports KiB)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def build_module(name: str, config: Any, info: DatasetInfo) -> nn.Module:
+    """Build a model architecture (module-level so that it pickles for worker processes)."""
+    return build_model(name, config, info)
+
+
+def _initial_params(cfg: ResolvedConfig, info: DatasetInfo) -> tuple[torch.Tensor, int]:
+    torch.manual_seed(cfg.run.seed)  # W1: seeded right before building the model
+    module = build_module(cfg.name("model"), cfg.config("model"), info)
+    layout = ParamLayout.of(module)
+    return layout.flatten(dict(module.named_parameters())), layout.numel
+
+
+class _Checkpointer:
+    """Callback: append the round's metrics line, then save an atomic checkpoint."""
+
+    def __init__(self, rundir: RunDir, engine: Engine, store: InMemoryStateStore) -> None:
+        self.rundir, self.engine, self.store = rundir, engine, store
+
+    def __call__(self, record: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+        self.rundir.append_metrics(record)
+        self.rundir.save_checkpoint(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "round": record["round"],
+                "virtual_time_s": record["virtual_time_s"],
+                "wall_time_s": record["wall_time_s"],
+                "strategy": self.engine.strategy.state_dict(),
+                "client_state": self.store.state_dict(),
+            }
+        )
+        return False, {}
+
+
+def _as_resolved(config: ResolvedConfig | Mapping[str, Any]) -> ResolvedConfig:
+    return config if isinstance(config, ResolvedConfig) else resolve(config)
+
+
+def run(
+    config: ResolvedConfig | Mapping[str, Any],
+    out: str | Path | None = None,
+    *,
+    progress: bool = False,
+    callbacks: Sequence[Callback] = (),
+) -> History:
+    """Run a federated simulation; with ``out``, keep a run directory there.
+
+    ``config`` is a :class:`ResolvedConfig` or a raw tree (as in a config file). Returns
+    the :class:`History` of per-round records.
+    """
+    cfg = _as_resolved(config)
+    rundir = RunDir(out) if out is not None else None
+    if rundir is not None:
+        rundir.create(cfg.to_dict())
+    return _execute(cfg, rundir, None, progress, callbacks)
+
+
+def resume(
+    out: str | Path, *, progress: bool = False, callbacks: Sequence[Callback] = ()
+) -> History:
+    """Continue the run kept in ``out`` from its last checkpoint."""
+    rundir = RunDir(out)
+    cfg = resolve(rundir.read_config())
+    checkpoint = rundir.load_checkpoint()
+    return _execute(cfg, rundir, checkpoint, progress, callbacks)
+
+
+def _execute(
+    cfg: ResolvedConfig,
+    rundir: RunDir | None,
+    checkpoint: dict[str, Any] | None,
+    progress: bool,
+    callbacks: Sequence[Callback],
+) -> History:
+    started = time.perf_counter()
+    rc = cfg.run
+    if rc.threads is not None:
+        torch.set_num_threads(rc.threads)
+    dataset = build_dataset(
+        cfg.name("data"),
+        _fields(cfg.config("data")),
+        cfg.name("partition"),
+        _fields(cfg.config("partition")),
+        rc.clients,
+        rc.seed,
+    )
+    if rc.clients_per_round > dataset.num_clients:
+        from roost.registry import ConfigError
+
+        raise ConfigError(
+            "clients_per_round",
+            rc.clients_per_round,
+            f"must be <= the number of clients ({dataset.num_clients})",
+        )
+    algorithm: Algorithm = ALGORITHMS.get(cfg.name("algorithm")).factory(cfg.config("algorithm"))
+    init, num_params = _initial_params(cfg, dataset.info)
+    strategy = algorithm.make_strategy()
+    strategy.initialize(init)
+    del init
+    store = InMemoryStateStore()
+    runtime = RUNTIMES.get(cfg.name("runtime")).factory(cfg.config("runtime"))
+    system = build_system(cfg.name("system"), cfg.config("system"), rc.seed)
+    engine = Engine(
+        run=rc,
+        algorithm=algorithm,
+        strategy=strategy,
+        runtime=runtime,
+        dataset=dataset,
+        system=system,
+        num_params=num_params,
+    )
+    history = History()
+    start_round = 1
+    if checkpoint is not None:
+        assert rundir is not None
+        if int(checkpoint.get("format", 0)) != CHECKPOINT_FORMAT:
+            raise RunDirError(
+                f"{rundir.path}: checkpoint format {checkpoint.get('format')} "
+                f"is not {CHECKPOINT_FORMAT}"
+            )
+        strategy.load_state_dict(checkpoint["strategy"])
+        store.load_state_dict(checkpoint["client_state"])
+        engine.clock.advance_to(float(checkpoint["virtual_time_s"]))
+        engine.wall_offset_s = float(checkpoint["wall_time_s"])
+        start_round = int(checkpoint["round"]) + 1
+        history.records = rundir.truncate_metrics(start_round - 1)
+    elif rundir is not None and rundir.read_metrics():
+        history.records = rundir.truncate_metrics(0)
+    engine.callbacks = list(callbacks)
+    if rundir is not None:
+        engine.callbacks.append(_Checkpointer(rundir, engine, store))
+    if progress:
+        engine.callbacks.append(ProgressBar(rc.rounds))
+    runtime.start(
+        Job(
+            algorithm,
+            dataset,
+            functools.partial(build_module, cfg.name("model"), cfg.config("model"), dataset.info),
+            store,
+        )
+    )
+    try:
+        if start_round <= rc.rounds:
+            engine.run(start_round, history)
+    finally:
+        runtime.close()
+    if rundir is not None:
+        rundir.write_summary(
+            summarize(history, engine.wall_offset_s + time.perf_counter() - started)
+        )
+    return history
+
+
+def summarize(history: History, wall_s: float) -> dict[str, Any]:
+    final = history.final
+    evaluated = history.last_evaluated()
+    return {
+        "rounds": final.get("round", 0),
+        "final_accuracy": evaluated.get("accuracy"),
+        "final_loss": evaluated.get("loss"),
+        "virtual_time_s": final.get("virtual_time_s", 0.0),
+        "wall_s": wall_s,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def _fields(config: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}

@@ -1,0 +1,15 @@
+"""Runtimes compute client tasks; the engine decides which."""
+
+from roost.runtime.base import RUNTIMES, Job, Outcome, Runtime, Task, task_seed
+from roost.runtime.local import LocalRuntime, LocalRuntimeConfig
+
+__all__ = [
+    "RUNTIMES",
+    "Job",
+    "LocalRuntime",
+    "LocalRuntimeConfig",
+    "Outcome",
+    "Runtime",
+    "Task",
+    "task_seed",
+]

@@ -1,0 +1,23 @@
+"""Device profiles and the system model that turns work and bytes into virtual seconds."""
+
+from roost.system.model import (
+    SYSTEMS,
+    DeviceProfile,
+    HeterogeneousConfig,
+    HeterogeneousSystem,
+    HomogeneousConfig,
+    HomogeneousSystem,
+    SystemModel,
+    build_system,
+)
+
+__all__ = [
+    "SYSTEMS",
+    "DeviceProfile",
+    "HeterogeneousConfig",
+    "HeterogeneousSystem",
+    "HomogeneousConfig",
+    "HomogeneousSystem",
+    "SystemModel",
+    "build_system",
+]

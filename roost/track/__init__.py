@@ -1,0 +1,1 @@
+"""Tracking: run directories, metrics files, checkpoints, progress and plots."""

@@ -1,0 +1,103 @@
+"""The run directory: ``config.json``, ``metrics.jsonl``, ``summary.json``, ``checkpoint.pt``.
+
+``metrics.jsonl`` holds one JSON object per round. A checkpoint is written atomically
+after every round, after that round's metrics line; on resume, lines for rounds past the
+checkpoint (and a torn last line) are dropped, so the file always matches the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from roost.track.files import atomic_torch_save, atomic_write_json, atomic_write_text
+
+__all__ = ["RunDir", "RunDirError"]
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CHECKPOINT = "checkpoint.pt"
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked (exists, missing, or damaged)."""
+
+
+class RunDir:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    # ---- creation and reading
+    def create(self, config: dict[str, Any]) -> None:
+        if (self.path / CHECKPOINT).exists() or (self.path / METRICS).exists():
+            raise RunDirError(
+                f"{self.path} already holds a run; continue it with --resume {self.path} "
+                "or choose another --out"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.path / CONFIG, config)
+        atomic_write_text(self.path / METRICS, "")
+
+    def read_config(self) -> dict[str, Any]:
+        f = self.path / CONFIG
+        if not f.exists():
+            raise RunDirError(f"{self.path} is not a run directory: {CONFIG} is missing")
+        try:
+            config = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise RunDirError(f"{f}: invalid JSON: line {e.lineno}: {e.msg}") from None
+        if not isinstance(config, dict):
+            raise RunDirError(f"{f}: expected a JSON object")
+        return config
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        f = self.path / METRICS
+        if not f.exists():
+            return []
+        records = []
+        for line in f.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a torn last line from a killed run
+            if isinstance(rec, dict):
+                records.append(rec)
+        return records
+
+    # ---- during the run
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.path / METRICS, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        atomic_torch_save(self.path / CHECKPOINT, state)
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        f = self.path / CHECKPOINT
+        if not f.exists():
+            return None
+        try:
+            state = torch.load(f, weights_only=True)
+        except Exception as e:  # a damaged file: say which
+            raise RunDirError(f"{f}: cannot read checkpoint: {e}") from None
+        if not isinstance(state, dict) or "round" not in state:
+            raise RunDirError(f"{f}: not a Roost checkpoint")
+        return state
+
+    def truncate_metrics(self, last_round: int) -> list[dict[str, Any]]:
+        """Keep only the records of rounds <= ``last_round`` (atomically); return them."""
+        kept = [r for r in self.read_metrics() if int(r.get("round", 0)) <= last_round]
+        atomic_write_text(
+            self.path / METRICS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+        )
+        return kept
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_json(self.path / SUMMARY, summary)
