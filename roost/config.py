@@ -160,7 +160,7 @@ def _quickstart() -> dict[str, Any]:
         "clients": 100,
         "clients_per_round": 10,
         "eval_every": 1,
-        "algorithm": {"name": "fedavg", "lr": 0.1, "batch_size": 10, "local_epochs": 2},
+        "algorithm": {"name": "fedavg", "lr": 0.2, "batch_size": 10, "local_epochs": 5},
         "data": {"name": "digits"},
         "partition": {"name": "dirichlet", "alpha": 0.5},
         "model": {"name": "mlp", "hidden": [64]},

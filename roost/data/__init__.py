@@ -22,7 +22,7 @@ from roost.data.base import ClientData, DatasetInfo, FederatedDataset
 from roost.data.digits import DigitsConfig, load_digits_data
 from roost.data.leaf import LeafConfig, load_leaf_data
 from roost.data.mnist_idx import MnistConfig, load_mnist_data
-from roost.data.partition import PARTITIONERS, natural_keys
+from roost.data.partition import PARTITIONERS, SYNTHETIC, natural_keys, resolve_auto
 from roost.data.synthetic_w1 import W1_CLIENTS, W1DataConfig, W1Dataset
 from roost.data.text import TextConfig, load_text_data
 from roost.registry import ConfigError, Registry, check
@@ -52,7 +52,7 @@ DataLoader = Callable[[Any, int | None, int], FederatedDataset | CentralData]
 DATA: Registry[DataLoader] = Registry("data")
 
 AUTO = "auto"
-"""Partition name meaning: natural when the data has natural clients, else iid."""
+"""Partition name meaning natural when the data has natural clients, else iid."""
 
 
 @DATA.register("w1", W1DataConfig)
@@ -85,10 +85,6 @@ def _text(cfg: TextConfig, clients: int | None, seed: int) -> CentralData:
     return load_text_data(cfg, seed)
 
 
-def _partition_names() -> str:
-    return ", ".join([AUTO, *PARTITIONERS.names()])
-
-
 def partition_data(
     data: CentralData,
     partition_name: str,
@@ -101,15 +97,21 @@ def partition_data(
     With the ``natural`` partition each client also gets its own test split: the test
     examples carrying its natural key. ``clients=None`` means every natural client.
     """
-    name = partition_name
-    if name == AUTO:
-        name = "natural" if data.groups is not None else "iid"
+    PARTITIONERS.config(partition_name, partition_params)  # auto takes no parameters
+    name = resolve_auto(data.groups) if partition_name == AUTO else partition_name
     cfg = PARTITIONERS.config(name, partition_params)
+    if name == "natural" and data.groups is None:
+        raise ConfigError(
+            "partition", name, f"this data has no natural client key; use {SYNTHETIC}"
+        )
     if clients is None:
-        if name != "natural":
-            reason = " (auto chose iid: this data has no natural clients)" if name != partition_name else ""
-            raise ConfigError("clients", None, f"set clients=N for partition={name}{reason}")
-        assert data.groups is not None
+        if data.groups is None or name != "natural":
+            why = (
+                " (auto chose iid: this data has no natural clients)"
+                if name != partition_name
+                else ""
+            )
+            raise ConfigError("clients", None, f"set clients=N for partition={name}{why}")
         clients = len(natural_keys(data.groups)[0])
     labels = data.train.y.numpy()
     parts = PARTITIONERS.get(name).factory(cfg, labels, clients, seed, data.groups)
@@ -139,14 +141,7 @@ def build_dataset(
     values raise :class:`ConfigError` naming the key (``data.path``, ``partition.alpha``).
     """
     data_cfg = DATA.config(data_name, data_params)
-    if partition_name != AUTO:
-        check(
-            partition_name in PARTITIONERS,
-            "partition",
-            partition_name,
-            f"allowed: {_partition_names()}",
-        )
-        PARTITIONERS.config(partition_name, partition_params)
+    PARTITIONERS.config(partition_name, partition_params)
     check(clients is None or clients >= 1, "clients", clients, "must be >= 1")
     loaded = DATA.get(data_name).factory(data_cfg, clients, seed)
     if isinstance(loaded, FederatedDataset):
@@ -156,6 +151,5 @@ def build_dataset(
                 partition_name,
                 f"data={data_name} is generated per client; use partition=natural",
             )
-        PARTITIONERS.config("natural", partition_params)
         return loaded
     return partition_data(loaded, partition_name, partition_params, clients, seed)

@@ -102,7 +102,8 @@ class ArrayFederatedDataset(FederatedDataset):
     Client ``i``'s data is ``train[partition[i]]``, copied out when asked for and not
     kept: memory stays at one copy of the data plus the index arrays. ``client_tests``
     optionally gives each client its own held-out examples, as indices into
-    ``test_source`` (default: ``test``); ``test`` is the central held-out split.
+    ``test_source`` (default: ``test``); a client with none gets None, like data without
+    per-client splits. ``test`` is the central held-out split.
     """
 
     def __init__(
@@ -149,4 +150,5 @@ class ArrayFederatedDataset(FederatedDataset):
         self.check_client(client_id)
         if self._client_tests is None or self._test_source is None:
             return None
-        return subset(self._test_source, self._client_tests[client_id])
+        index = self._client_tests[client_id]
+        return subset(self._test_source, index) if len(index) else None

@@ -9,6 +9,8 @@ goes to at most one client; ``iid``, ``dirichlet`` and ``shards`` assign every e
 All randomness comes from ``np.random.default_rng([seed, 5])`` (purpose 5 = partitioning),
 so a partition depends only on the seed, the labels and the config, never on call order.
 Each client's indices are returned in ascending order (the data set's own order).
+
+``auto`` (the default) is ``natural`` when the data has natural keys and ``iid`` otherwise.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from roost.registry import ConfigError, Registry, check
 
 __all__ = [
     "PARTITIONERS",
+    "AutoConfig",
     "DirichletConfig",
     "IIDConfig",
     "NaturalConfig",
@@ -30,6 +33,7 @@ __all__ = [
     "ShardsConfig",
     "natural_keys",
     "partition_rng",
+    "resolve_auto",
 ]
 
 Partitioner = Callable[[Any, np.ndarray, int, int, np.ndarray | None], list[np.ndarray]]
@@ -138,16 +142,16 @@ def dirichlet(
             buckets[k].append(piece)
     parts = [np.concatenate(b) for b in buckets]
     sizes = np.array([len(p) for p in parts])
-    for k in np.flatnonzero(sizes < cfg.min_size):
-        while sizes[k] < cfg.min_size:
+    for small in np.flatnonzero(sizes < cfg.min_size).tolist():
+        while sizes[small] < cfg.min_size:
             # the largest client always has more than min_size while some client has less
             donor = int(np.argmax(sizes))
-            take = int(min(cfg.min_size - sizes[k], sizes[donor] - cfg.min_size))
+            take = int(min(cfg.min_size - sizes[small], sizes[donor] - cfg.min_size))
             moved = np.zeros(sizes[donor], dtype=bool)
             moved[rng.choice(sizes[donor], size=take, replace=False)] = True
-            parts[k] = np.concatenate([parts[k], parts[donor][moved]])
+            parts[small] = np.concatenate([parts[small], parts[donor][moved]])
             parts[donor] = parts[donor][~moved]
-            sizes[k] += take
+            sizes[small] += take
             sizes[donor] -= take
     return _sorted(parts)
 
@@ -232,3 +236,23 @@ def natural(
         f"(its number of natural keys)",
     )
     return parts[:num_clients]
+
+
+@dataclass(frozen=True)
+class AutoConfig:
+    """No parameters: ``natural`` when the data has natural clients, else ``iid``."""
+
+
+def resolve_auto(groups: np.ndarray | None) -> str:
+    """The partitioner ``auto`` stands for: natural with natural keys, else iid."""
+    return "natural" if groups is not None else "iid"
+
+
+@PARTITIONERS.register("auto", AutoConfig)
+def auto(
+    cfg: AutoConfig, labels: np.ndarray, num_clients: int, seed: int, groups: np.ndarray | None
+) -> list[np.ndarray]:
+    """natural when the data has natural clients (writers, speakers), else iid."""
+    if groups is not None:
+        return natural(NaturalConfig(), labels, num_clients, seed, groups)
+    return iid(IIDConfig(), labels, num_clients, seed, groups)

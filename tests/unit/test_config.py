@@ -26,8 +26,8 @@ def test_override_selects_component_and_sets_its_fields():
 
 
 def test_setting_a_field_keeps_the_presets_other_fields():
-    cfg = resolve(apply_overrides(load_config_source("quickstart"), ["algorithm.lr=0.2"]))
-    assert (cfg.config("algorithm").lr, cfg.config("algorithm").batch_size) == (0.2, 10)
+    cfg = resolve(apply_overrides(load_config_source("quickstart"), ["algorithm.lr=0.3"]))
+    assert (cfg.config("algorithm").lr, cfg.config("algorithm").batch_size) == (0.3, 10)
 
 
 def test_resolved_tree_round_trips_through_json():

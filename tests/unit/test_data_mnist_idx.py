@@ -62,7 +62,7 @@ def test_malformed_files_name_the_file(tmp_path: Path, images: np.ndarray) -> No
 
     broken_gzip = tmp_path / "broken-idx3-ubyte.gz"
     broken_gzip.write_bytes(gzip.compress(idx_bytes(images))[:30])
-    with pytest.raises(ValueError, match="broken-idx3-ubyte.gz"):
+    with pytest.raises(ValueError, match=r"broken-idx3-ubyte\.gz"):
         read_idx_images(broken_gzip)
 
     tiny = tmp_path / "tiny-idx1-ubyte"
@@ -99,7 +99,7 @@ def test_missing_labels_and_empty_folder(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="train-labels-idx1-ubyte"):
         load_mnist_data(MnistConfig(path=str(tmp_path)), seed=0)
     write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(3, np.uint8))
-    with pytest.raises(ValueError, match="2 images but .* 3 labels"):
+    with pytest.raises(ValueError, match=r"2 images but .* 3 labels"):
         load_mnist_data(MnistConfig(path=str(tmp_path)), seed=0)
 
 

@@ -88,8 +88,10 @@ def test_clients_are_order_independent_and_not_cached() -> None:
 def test_label_mix_is_skewed(w1: W1Dataset) -> None:
     # Dirichlet(0.5) over 10 classes: a client's most common label holds on average about
     # 40% of its examples (0.418 for these 100), far from the 10% of a uniform mix.
-    top = [np.bincount(w1.client_data(i).y.numpy(), minlength=10).max() / w1.num_examples(i)
-           for i in range(100)]
+    top = [
+        np.bincount(w1.client_data(i).y.numpy(), minlength=10).max() / w1.num_examples(i)
+        for i in range(100)
+    ]
     assert 0.3 < float(np.mean(top)) < 0.6
 
 
