@@ -107,13 +107,26 @@ def _list(args: argparse.Namespace) -> int:
     for kind in kinds:
         print(f"{kind}:")
         for entry in registries[kind]:
-            fields = ", ".join(
-                f"{f.name}={f.default!r}" for f in dataclasses.fields(entry.config_cls)
+            fields = "  ".join(
+                f"{f.name}={_shown(f.default)}" for f in dataclasses.fields(entry.config_cls)
             )
             print(f"  {entry.name:14s} {entry.summary}")
             if fields:
                 print(f"  {'':14s} {fields}")
     return 0
+
+
+def _shown(value: object) -> str:
+    """A default as it would be typed on the command line."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    if value == "":
+        return '""'
+    return str(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
+import importlib.util
 import json
 import math
 import sys
@@ -25,7 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from roost.registry import ConfigError, Registry, build_config, check, config_fields
+from roost.registry import (
+    ConfigError,
+    Registry,
+    build_config,
+    check,
+    coerce_value,
+    config_fields,
+)
 
 __all__ = [
     "COMPONENT_DEFAULTS",
@@ -60,6 +69,9 @@ class RunConfig:
         deadline_s: a round's deadline in virtual seconds; clients that would arrive later
             are dropped before they are computed (None: no deadline).
         threads: torch intra-op threads (None: torch's default).
+        imports: Python modules (names, or paths ending in ``.py``) imported before the
+            config is validated, so that algorithms, data loaders or models they register
+            can be named; saved in ``config.json``, so ``--resume`` imports them again.
     """
 
     rounds: int = 10
@@ -70,6 +82,7 @@ class RunConfig:
     over_selection: float = 0.0
     deadline_s: float | None = None
     threads: int | None = None
+    imports: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check(self.rounds >= 1, "rounds", self.rounds, "must be >= 1")
@@ -310,8 +323,37 @@ def apply_overrides(tree: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
     return out
 
 
+def import_plugins(names: Sequence[str]) -> None:
+    """Import user modules that register components (``imports=my_algorithm``).
+
+    A name ending in ``.py`` is loaded from that path; any other is a module name, looked
+    up with the current directory on the path.
+    """
+    for name in names:
+        try:
+            if name.endswith(".py"):
+                path = Path(name).resolve()
+                module_name = f"roost_plugin_{path.stem}"
+                if module_name in sys.modules:
+                    continue
+                spec = importlib.util.spec_from_file_location(module_name, path)
+                if spec is None or spec.loader is None or not path.exists():
+                    raise ConfigError("imports", name, "no such Python file")
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[module_name] = module
+                spec.loader.exec_module(module)
+            else:
+                if "" not in sys.path and str(Path.cwd()) not in sys.path:
+                    sys.path.insert(0, str(Path.cwd()))
+                importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            raise ConfigError("imports", name, f"cannot import: {e}") from None
+
+
 def resolve(tree: Mapping[str, Any]) -> ResolvedConfig:
     """Validate a raw tree into a :class:`ResolvedConfig` (defaults filled in)."""
+    imports = tree.get("imports", ())
+    import_plugins(coerce_value("imports", imports, tuple[str, ...]))
     registries = component_registries()
     run_values: dict[str, Any] = {}
     allowed_top = sorted([*config_fields(RunConfig), *COMPONENT_DEFAULTS])

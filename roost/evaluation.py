@@ -12,8 +12,12 @@ __all__ = ["evaluate"]
 
 
 @torch.no_grad()
-def evaluate(module: nn.Module, data: ClientData, batch_size: int = 2048) -> tuple[float, float]:
-    """Return ``(mean loss, accuracy)`` of ``module`` over ``data`` (example-weighted)."""
+def evaluate(module: nn.Module, data: ClientData, batch_size: int = 500) -> tuple[float, float]:
+    """Return ``(mean loss, accuracy)`` of ``module`` over ``data`` (example-weighted).
+
+    Batches bound the memory of evaluation: a CNN's activations on thousands of examples
+    at once would otherwise set the run's peak memory.
+    """
     module.eval()
     n = len(data)
     if n == 0:

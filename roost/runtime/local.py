@@ -70,7 +70,9 @@ class LocalRuntime(Runtime):
             data = job.dataset.client_data(cid)
             model.load_(payload.params)
             self._generator.manual_seed(task.seed)
-            torch.manual_seed(task.seed)
+            # Seeds dropout and other global-RNG users. Not torch.manual_seed: on every
+            # call it queues a CUDA seeding with a captured stack trace (~1 ms a task).
+            torch.default_generator.manual_seed(task.seed)
             ctx = ClientContext(cid, task.round, task.seed, len(data), self._generator)
             state = store.get(cid) if stateful else None
             out = drive(alg.update(ctx, model, data, payload, state), _no_server)

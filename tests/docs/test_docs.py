@@ -1,0 +1,107 @@
+"""Every example in README.md and docs/*.md runs, so none goes stale.
+
+Each markdown file is executed top to bottom in a fresh temporary directory:
+
+* a block whose info string is ``file=NAME`` (```` ```toml file=run.toml ````) is written
+  to NAME;
+* a plain ```` ```python ```` block is executed;
+* in a ```` ```console ```` block every ``$ `` line is a command. Its ``&&``-separated
+  parts that call ``roost`` are run with :func:`roost.cli.main` and must exit 0; setup
+  parts (``python3 -m venv``, ``pip install``, ``pytest``) are what CI itself runs and are
+  skipped here. Lines after a command, up to the next command, are its expected output,
+  compared exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+from roost.cli import main
+from roost.config import component_registries
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(r"^```(\w+)([^\n]*)\n(.*?)^```\s*$", re.S | re.M)
+SETUP = ("python3 -m venv", ".venv/bin/pip", "pip install", ".venv/bin/python -m pytest")
+
+
+def blocks(text: str) -> list[tuple[str, str, str]]:
+    return [(m.group(1), m.group(2).strip(), m.group(3)) for m in FENCE.finditer(text)]
+
+
+def console_commands(body: str) -> list[tuple[str, list[str]]]:
+    """``[(command, expected output lines)]`` of a console block."""
+    out: list[tuple[str, list[str]]] = []
+    for line in body.splitlines():
+        if line.startswith("$ "):
+            out.append((line[2:], []))
+        elif out:
+            out[-1][1].append(line)
+    return out
+
+
+def roost_argv(part: str) -> list[str] | None:
+    words = shlex.split(part)
+    if words and words[0] in ("roost", ".venv/bin/roost"):
+        return words[1:]
+    assert part.strip().startswith(SETUP), f"documented command is neither roost nor setup: {part}"
+    return None
+
+
+def run_console(command: str, expected: list[str]) -> None:
+    for part in command.split("&&"):
+        argv = roost_argv(part.strip())
+        if argv is None:
+            continue
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            code = main([*argv, "--quiet"] if argv[:1] == ["run"] else argv)
+        assert code == 0, f"`{part.strip()}` exited {code}"
+        if expected:
+            assert stdout.getvalue().rstrip("\n").splitlines() == expected, part
+
+
+@pytest.fixture
+def isolated_registries(monkeypatch):
+    """Examples register their own algorithms and loaders; undo that after each doc."""
+    for registry in component_registries().values():
+        monkeypatch.setattr(registry, "_entries", dict(registry._entries))
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        if name.startswith("roost_plugin_"):
+            del sys.modules[name]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_example_in_the_doc_runs(doc, tmp_path, monkeypatch, isolated_registries):
+    monkeypatch.chdir(tmp_path)
+    found = 0
+    for lang, info, body in blocks(doc.read_text()):
+        if info.startswith("file="):
+            Path(info.removeprefix("file=")).write_text(body)
+        elif lang == "python":
+            exec(compile(body, f"{doc.name}:python", "exec"), {"__name__": "__doc_example__"})
+        elif lang == "console":
+            for command, expected in console_commands(body):
+                run_console(command, expected)
+        else:
+            continue
+        found += 1
+    assert found > 0 or doc.name == "benchmarks.md", f"{doc.name} has no runnable example"
+
+
+def test_readme_opens_with_the_demo_and_the_test_command():
+    first = blocks((ROOT / "README.md").read_text())[0]
+    commands = [c for c, _ in console_commands(first[2])]
+    assert commands[0].endswith("roost run quickstart --out runs/quickstart")
+    assert commands[1].endswith(".venv/bin/python -m pytest -q")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert commands[1] in ci, ".ci/run must run the README's test command"
