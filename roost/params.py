@@ -85,6 +85,7 @@ class FlatModel:
         self.layout = ParamLayout.of(module)
         self.params = torch.empty(self.layout.numel, dtype=torch.float32)
         self.grads = torch.zeros(self.layout.numel, dtype=torch.float32)
+        self._scratch: dict[str, torch.Tensor] = {}
         param_views = self.layout.views(self.params)
         grad_views = self.layout.views(self.grads)
         with torch.no_grad():
@@ -96,6 +97,15 @@ class FlatModel:
     @property
     def numel(self) -> int:
         return self.layout.numel
+
+    def scratch(self, name: str) -> torch.Tensor:
+        """A flat float32 buffer of the model's size, allocated on first use and then
+        reused by every later task (momentum, proximal terms): its contents are left over
+        from the previous user, so initialise it before reading."""
+        buf = self._scratch.get(name)
+        if buf is None:
+            buf = self._scratch[name] = torch.empty(self.layout.numel, dtype=torch.float32)
+        return buf
 
     def load_(self, flat: torch.Tensor) -> None:
         """Overwrite the weights in place with ``flat`` (one contiguous copy)."""

@@ -51,12 +51,11 @@ class FedProxConfig(FedAvgConfig):
         check(self.mu >= 0 and math.isfinite(self.mu), "mu", self.mu, "must be a number >= 0")
 
 
-def proximal_correction(anchor: torch.Tensor, mu: float) -> GradCorrection:
+def proximal_correction(anchor: torch.Tensor, mu: float, scratch: torch.Tensor) -> GradCorrection:
     """The gradient of ``(μ/2)||w − anchor||²``, added in place: ``g += μ (w − anchor)``.
 
-    One scratch vector per task; nothing is allocated per step.
+    ``scratch`` (the model's resident buffer) holds ``w − anchor``; nothing is allocated.
     """
-    scratch = torch.empty_like(anchor)
 
     def correction(params: torch.Tensor, grads: torch.Tensor) -> None:
         torch.sub(params, anchor, out=scratch)
@@ -92,5 +91,5 @@ class FedProx(Algorithm):
         if cfg.mu != 0:
             if payload.params.data_ptr() == model.params.data_ptr():
                 raise ValueError("FedProx needs w^t apart from the resident model it trains")
-            correction = proximal_correction(payload.params, cfg.mu)
+            correction = proximal_correction(payload.params, cfg.mu, model.scratch("proximal"))
         return fedavg_update(ctx, model, data, cfg, cfg.weighted, correction)

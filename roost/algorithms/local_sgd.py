@@ -49,7 +49,7 @@ def local_sgd(
     n = len(data)
     bs = cfg.batch_size
     lr, wd, rho = cfg.lr, cfg.weight_decay, cfg.momentum
-    buf: torch.Tensor | None = None
+    buf = model.scratch("momentum") if rho else None
     loss_sum = torch.zeros(())
     steps = 0
     for _ in range(cfg.local_epochs):
@@ -68,9 +68,9 @@ def local_sgd(
             if correction is not None:
                 correction(params, grads)
             step = grads
-            if rho:
-                if buf is None:
-                    buf = grads.clone()
+            if buf is not None:
+                if steps == 0:
+                    buf.copy_(grads)
                 else:
                     buf.mul_(rho).add_(grads)
                 step = buf
