@@ -93,6 +93,17 @@ def plan_round(
     return RoundPlan(list(selected), counted, arrival, end)
 
 
+def client_metric_means(metrics: Sequence[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """``client_<key>``: the mean over clients of every client metric except train_loss
+    (e.g. Ditto's ``client_personal_accuracy``)."""
+    sums: dict[str, list[float]] = {}
+    for _, m in metrics:
+        for key, value in m.items():
+            if key not in ("train_loss", "local_steps"):
+                sums.setdefault(key, []).append(float(value))
+    return {f"client_{k}": float(np.mean(v)) for k, v in sums.items()}
+
+
 class Engine:
     """Runs synchronous rounds in virtual time; see the module docstring."""
 
@@ -184,6 +195,7 @@ class Engine:
         record["bytes_up"] = self.algorithm.upload_nbytes(self.num_params) * len(plan.counted)
         losses = [m["train_loss"] for _, m in outcome.client_metrics if "train_loss" in m]
         record["train_loss"] = float(np.mean(losses)) if losses else None
+        record.update(client_metric_means(outcome.client_metrics))
         record["accuracy"] = record["loss"] = None
         if self._test is not None and self._due_eval(r):
             loss, acc = self.runtime.evaluate(self.strategy.params, self._test)

@@ -138,7 +138,7 @@ def _execute(
     algorithm: Algorithm = ALGORITHMS.get(cfg.name("algorithm")).factory(cfg.config("algorithm"))
     init, num_params = _initial_params(cfg, dataset.info)
     strategy = algorithm.make_strategy()
-    strategy.initialize(init)
+    strategy.initialize(init, dataset.num_clients)
     del init
     store = InMemoryStateStore()
     runtime = RUNTIMES.get(cfg.name("runtime")).factory(cfg.config("runtime"))

@@ -168,13 +168,18 @@ class Contribution:
 
 @dataclass
 class ClientContext:
-    """Everything about one client task that is not the model, data, payload or state."""
+    """Everything about one client task that is not the model, data, payload or state.
+
+    ``test_data`` is the client's own held-out split, loaded only for algorithms that set
+    ``Algorithm.uses_client_test_data`` (personalised methods such as Ditto).
+    """
 
     client_id: int
     round: int
     seed: int
     num_examples: int
     generator: torch.Generator
+    test_data: ClientData | None = None
 
 
 class UpdateOutput(NamedTuple):
@@ -219,11 +224,14 @@ class Strategy:
     def __init__(self) -> None:
         self.params = torch.empty(0)
         self.version = 0
+        self.num_clients = 0
 
-    def initialize(self, params: torch.Tensor) -> None:
-        """Take the initial global parameters (flat, owned by the strategy from now on)."""
+    def initialize(self, params: torch.Tensor, num_clients: int = 0) -> None:
+        """Take the initial global parameters (flat, owned by the strategy from now on)
+        and the total number of clients N (SCAFFOLD and FedDyn scale by it)."""
         self.params = params.detach().clone()
         self.version = 0
+        self.num_clients = num_clients
 
     def select(
         self, round: int, candidates: np.ndarray, k: int, rng: np.random.Generator
@@ -255,12 +263,14 @@ class Algorithm:
     """One federated method: its config, server strategy and client update rule.
 
     Subclasses set ``Config`` and implement :meth:`make_strategy` and :meth:`update`.
-    ``client_state_numel`` declares the per-client state a stateful method keeps (0 for
-    stateless ones); the runtime stores it in a ClientStateStore between tasks.
+    :meth:`client_state_spec` declares the per-client state a stateful method keeps
+    (name -> number of float32 elements; empty for stateless ones); the runtime keeps it
+    in a ClientStateStore between the tasks of a client, in fixed-size slots.
     """
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[ClientOptimConfig]] = ClientOptimConfig
+    uses_client_test_data: ClassVar[bool] = False
 
     def __init__(self, config: ClientOptimConfig) -> None:
         self.config = config
@@ -278,8 +288,9 @@ class Algorithm:
     ) -> UpdateReturn:
         raise NotImplementedError
 
-    def client_state_numel(self, num_params: int) -> int:
-        return 0
+    def client_state_spec(self, num_params: int) -> dict[str, int]:
+        """Per-client state: tensor name -> number of float32 elements (flat vectors)."""
+        return {}
 
     def work_examples(self, num_examples: int) -> int:
         """Examples processed by one task (for the system model's compute time)."""

@@ -143,8 +143,8 @@ class FedOptStrategy(Strategy):
         self.m = torch.empty(0)
         self.v = torch.empty(0)
 
-    def initialize(self, params: torch.Tensor) -> None:
-        super().initialize(params)
+    def initialize(self, params: torch.Tensor, num_clients: int = 0) -> None:
+        super().initialize(params, num_clients)
         self.m = torch.zeros_like(self.params)
         self.v = torch.zeros_like(self.params)
 

@@ -61,7 +61,8 @@ class LocalRuntime(Runtime):
             raise RuntimeError("runtime not started")
         model = self.model
         alg, store = job.algorithm, job.state_store
-        stateful = alg.client_state_numel(model.numel) > 0
+        stateful = bool(alg.client_state_spec(model.numel))
+        wants_test = alg.uses_client_test_data
         contributions = [Contribution() for _ in range(num_groups)]
         metrics: list[tuple[int, dict[str, float]]] = []
         for task in tasks:
@@ -73,7 +74,8 @@ class LocalRuntime(Runtime):
             # Seeds dropout and other global-RNG users. Not torch.manual_seed: on every
             # call it queues a CUDA seeding with a captured stack trace (~1 ms a task).
             torch.default_generator.manual_seed(task.seed)
-            ctx = ClientContext(cid, task.round, task.seed, len(data), self._generator)
+            test = job.dataset.client_test_data(cid) if wants_test else None
+            ctx = ClientContext(cid, task.round, task.seed, len(data), self._generator, test)
             state = store.get(cid) if stateful else None
             out = drive(alg.update(ctx, model, data, payload, state), _no_server)
             if out.state is not None:
