@@ -12,6 +12,7 @@ cannot be used) is one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -51,10 +52,35 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
+def _torchrun_worker(args: argparse.Namespace) -> int:
+    """Ranks >= 1 under torchrun: serve as a worker of rank 0's run."""
+    from roost.config import apply_overrides, load_config_source, resolve
+    from roost.runtime.workers import WorkersRuntimeConfig, worker_loop
+    from roost.track.rundir import RunDir
+
+    cfg = WorkersRuntimeConfig()
+    try:  # the same options rank 0 uses, where this node can read them
+        tree = (
+            RunDir(args.resume).read_config()
+            if args.resume
+            else apply_overrides(load_config_source(args.items[0]), args.items[1:])
+        )
+        resolved = resolve(tree)
+        if resolved.name("runtime") == "workers":
+            cfg = resolved.config("runtime")
+    except (ValueError, IndexError, OSError):
+        pass
+    worker_loop(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://", cfg)
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from roost.config import apply_overrides, load_config_source, resolve
     from roost.runner import resume, run
+    from roost.runtime.workers import launched_by_torchrun
 
+    if launched_by_torchrun() and int(os.environ["RANK"]) != 0:
+        return _torchrun_worker(args)
     progress = not args.quiet
     if args.resume:
         if args.items or args.out:
@@ -69,6 +95,11 @@ def _run(args: argparse.Namespace) -> int:
             return _fail("roost run needs PRESET_OR_FILE (presets: quickstart, w1)")
         source, *overrides = args.items
         cfg = resolve(apply_overrides(load_config_source(source), overrides))
+        if launched_by_torchrun() and cfg.name("runtime") != "workers":
+            return _fail(
+                f"launched by torchrun with {os.environ['WORLD_SIZE']} processes, "
+                f"but runtime={cfg.name('runtime')}; add runtime=workers"
+            )
         out = (
             Path(args.out)
             if args.out
@@ -130,9 +161,7 @@ def _shown(value: object) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from roost.config import ConfigFileError
-    from roost.registry import ConfigError
-    from roost.track.rundir import RunDirError
+    from roost.errors import WorkerFailure
 
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -145,10 +174,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"run": _run, "plot": _plot, "list": _list}
     try:
         return handlers[args.command](args)
-    except (ConfigError, ConfigFileError, RunDirError) as e:
+    except (FileNotFoundError, ValueError) as e:  # config, file and run-directory errors
         return _fail(str(e))
-    except (FileNotFoundError, ValueError) as e:
-        return _fail(str(e))
+    except WorkerFailure as e:
+        print(f"roost: error: {e}; continue with roost run --resume DIR", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\nroost: interrupted; continue with roost run --resume DIR", file=sys.stderr)
         return 130

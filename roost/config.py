@@ -350,13 +350,36 @@ def import_plugins(names: Sequence[str]) -> None:
             raise ConfigError("imports", name, f"cannot import: {e}") from None
 
 
+ALIASES: dict[str, tuple[str, str]] = {"workers": ("runtime", "workers")}
+"""Top-level shorthands for a component field: ``workers=4`` is ``runtime.workers=4``."""
+
+
+def _expand_aliases(tree: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(tree)
+    for alias, (kind, field) in ALIASES.items():
+        if alias not in out:
+            continue
+        value = out.pop(alias)
+        entry = _component_entry(kind, out.get(kind, {}))
+        name = entry.get("name", COMPONENT_DEFAULTS[kind])
+        registry = component_registries()[kind]
+        if field not in config_fields(registry.get(name).config_cls):
+            raise ConfigError(
+                alias, value, f"sets {kind}.{field}, which {kind}={name} does not have"
+            )
+        entry[field] = value
+        out[kind] = entry
+    return out
+
+
 def resolve(tree: Mapping[str, Any]) -> ResolvedConfig:
     """Validate a raw tree into a :class:`ResolvedConfig` (defaults filled in)."""
     imports = tree.get("imports", ())
     import_plugins(coerce_value("imports", imports, tuple[str, ...]))
     registries = component_registries()
+    tree = _expand_aliases(tree)
     run_values: dict[str, Any] = {}
-    allowed_top = sorted([*config_fields(RunConfig), *COMPONENT_DEFAULTS])
+    allowed_top = sorted([*config_fields(RunConfig), *COMPONENT_DEFAULTS, *ALIASES])
     for key, value in tree.items():
         if key in COMPONENT_DEFAULTS:
             continue

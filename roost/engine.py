@@ -196,6 +196,7 @@ class Engine:
         losses = [m["train_loss"] for _, m in outcome.client_metrics if "train_loss" in m]
         record["train_loss"] = float(np.mean(losses)) if losses else None
         record.update(client_metric_means(outcome.client_metrics))
+        record.update(outcome.metrics)
         record["accuracy"] = record["loss"] = None
         if self._test is not None and self._due_eval(r):
             loss, acc = self.runtime.evaluate(self.strategy.params, self._test)

@@ -7,7 +7,6 @@ system model, the runtime, and the callbacks that write metrics and checkpoints.
 
 from __future__ import annotations
 
-import functools
 import resource
 import sys
 import time
@@ -16,22 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from roost.algorithms.base import ALGORITHMS, Algorithm
+from roost.build import build_parts, initial_params
 from roost.config import ResolvedConfig, resolve
-from roost.data import build_dataset
-from roost.data.base import DatasetInfo
 from roost.engine import Callback, Engine, History
-from roost.models import build_model
-from roost.params import ParamLayout
 from roost.runtime.base import RUNTIMES, Job
 from roost.state import InMemoryStateStore
 from roost.system import build_system
 from roost.track.progress import ProgressBar
 from roost.track.rundir import RunDir, RunDirError
 
-__all__ = ["build_module", "peak_rss_mb", "resume", "run"]
+__all__ = ["peak_rss_mb", "resume", "run"]
 
 CHECKPOINT_FORMAT = 1
 
@@ -40,18 +34,6 @@ def peak_rss_mb() -> float:
     """Peak resident memory of this process in MiB (Linux reports KiB)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
-
-
-def build_module(name: str, config: Any, info: DatasetInfo) -> nn.Module:
-    """Build a model architecture (module-level so that it pickles for worker processes)."""
-    return build_model(name, config, info)
-
-
-def _initial_params(cfg: ResolvedConfig, info: DatasetInfo) -> tuple[torch.Tensor, int]:
-    torch.manual_seed(cfg.run.seed)  # W1: seeded right before building the model
-    module = build_module(cfg.name("model"), cfg.config("model"), info)
-    layout = ParamLayout.of(module)
-    return layout.flatten(dict(module.named_parameters())), layout.numel
 
 
 class _Checkpointer:
@@ -119,24 +101,10 @@ def _execute(
     rc = cfg.run
     if rc.threads is not None:
         torch.set_num_threads(rc.threads)
-    dataset = build_dataset(
-        cfg.name("data"),
-        _fields(cfg.config("data")),
-        cfg.name("partition"),
-        _fields(cfg.config("partition")),
-        rc.clients,
-        rc.seed,
-    )
-    if rc.clients_per_round > dataset.num_clients:
-        from roost.registry import ConfigError
-
-        raise ConfigError(
-            "clients_per_round",
-            rc.clients_per_round,
-            f"must be <= the number of clients ({dataset.num_clients})",
-        )
-    algorithm: Algorithm = ALGORITHMS.get(cfg.name("algorithm")).factory(cfg.config("algorithm"))
-    init, num_params = _initial_params(cfg, dataset.info)
+    parts = build_parts(cfg)
+    dataset, algorithm = parts.dataset, parts.algorithm
+    init = initial_params(cfg, parts)
+    num_params = init.numel()
     strategy = algorithm.make_strategy()
     strategy.initialize(init, dataset.num_clients)
     del init
@@ -174,14 +142,7 @@ def _execute(
         engine.callbacks.append(_Checkpointer(rundir, engine, store))
     if progress:
         engine.callbacks.append(ProgressBar(rc.rounds))
-    runtime.start(
-        Job(
-            algorithm,
-            dataset,
-            functools.partial(build_module, cfg.name("model"), cfg.config("model"), dataset.info),
-            store,
-        )
-    )
+    runtime.start(Job(algorithm, dataset, parts.build_module, store, cfg.to_dict()))
     try:
         if start_round <= rc.rounds:
             engine.run(start_round, history)
@@ -205,9 +166,3 @@ def summarize(history: History, wall_s: float) -> dict[str, Any]:
         "wall_s": wall_s,
         "peak_rss_mb": peak_rss_mb(),
     }
-
-
-def _fields(config: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}

@@ -7,7 +7,9 @@ module holding its config, server strategy and client update rule.
 from __future__ import annotations
 
 from roost.algorithms.base import ALGORITHMS, Algorithm, Strategy
+from roost.algorithms.ditto import Ditto, DittoConfig
 from roost.algorithms.fedavg import FedAvg, FedAvgConfig, FedAvgStrategy
+from roost.algorithms.feddyn import FedDyn, FedDynConfig, FedDynStrategy
 from roost.algorithms.fednova import FedNova, FedNovaConfig, FedNovaStrategy
 from roost.algorithms.fedopt import (
     FedAdagrad,
@@ -19,10 +21,13 @@ from roost.algorithms.fedopt import (
     FedYogiConfig,
 )
 from roost.algorithms.fedprox import FedProx, FedProxConfig
+from roost.algorithms.scaffold import Scaffold, ScaffoldConfig, ScaffoldStrategy
 
 __all__ = [
     "ALGORITHMS",
     "Algorithm",
+    "Ditto",
+    "DittoConfig",
     "FedAdagrad",
     "FedAdagradConfig",
     "FedAdam",
@@ -30,6 +35,9 @@ __all__ = [
     "FedAvg",
     "FedAvgConfig",
     "FedAvgStrategy",
+    "FedDyn",
+    "FedDynConfig",
+    "FedDynStrategy",
     "FedNova",
     "FedNovaConfig",
     "FedNovaStrategy",
@@ -38,5 +46,8 @@ __all__ = [
     "FedProxConfig",
     "FedYogi",
     "FedYogiConfig",
+    "Scaffold",
+    "ScaffoldConfig",
+    "ScaffoldStrategy",
     "Strategy",
 ]

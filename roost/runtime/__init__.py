@@ -2,6 +2,7 @@
 
 from roost.runtime.base import RUNTIMES, Job, Outcome, Runtime, Task, task_seed
 from roost.runtime.local import LocalRuntime, LocalRuntimeConfig
+from roost.runtime.workers import WorkerFailure, WorkersRuntime, WorkersRuntimeConfig
 
 __all__ = [
     "RUNTIMES",
@@ -11,5 +12,8 @@ __all__ = [
     "Outcome",
     "Runtime",
     "Task",
+    "WorkerFailure",
+    "WorkersRuntime",
+    "WorkersRuntimeConfig",
     "task_seed",
 ]

@@ -51,22 +51,26 @@ class Task:
 
 @dataclass
 class Outcome:
-    """The result of :meth:`Runtime.execute`: a Contribution per group, and per-task
-    client metrics ``(client_id, metrics)`` in task order."""
+    """The result of :meth:`Runtime.execute`: a Contribution per group, per-task client
+    metrics ``(client_id, metrics)`` in task order, and the runtime's own metrics for the
+    round (e.g. predicted and actual makespan), recorded in metrics.jsonl."""
 
     contributions: list[Contribution]
     client_metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class Job:
     """What a runtime needs to compute tasks. ``build_module`` makes the architecture
-    (its initial weights do not matter: every task loads a payload)."""
+    (its initial weights do not matter: every task loads a payload). ``config`` is the
+    run's resolved config tree, from which a worker process rebuilds the same parts."""
 
     algorithm: Algorithm
     dataset: FederatedDataset
     build_module: Callable[[], nn.Module]
     state_store: ClientStateStore
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 class Runtime:

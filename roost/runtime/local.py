@@ -20,6 +20,7 @@ from roost.data.base import ClientData
 from roost.evaluation import evaluate
 from roost.params import FlatModel
 from roost.runtime.base import RUNTIMES, Job, Outcome, Runtime, Task
+from roost.state import ClientStateStore
 
 __all__ = ["LocalRuntime", "LocalRuntimeConfig"]
 
@@ -46,6 +47,12 @@ class LocalRuntime(Runtime):
     def start(self, job: Job) -> None:
         self._job = job
         self._model = FlatModel(job.build_module())
+
+    def use_state_store(self, store: ClientStateStore) -> None:
+        """Read and write client state in ``store`` from the next execute on."""
+        if self._job is None:
+            raise RuntimeError("runtime not started")
+        self._job.state_store = store
 
     @property
     def model(self) -> FlatModel:

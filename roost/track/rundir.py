@@ -12,8 +12,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from roost.track.files import atomic_torch_save, atomic_write_json, atomic_write_text
 
 __all__ = ["RunDir", "RunDirError"]
@@ -83,6 +81,8 @@ class RunDir:
         f = self.path / CHECKPOINT
         if not f.exists():
             return None
+        import torch
+
         try:
             state = torch.load(f, weights_only=True)
         except Exception as e:  # a damaged file: say which

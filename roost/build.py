@@ -1,0 +1,72 @@
+"""Build a run's parts from its resolved config: the dataset, the algorithm, the model.
+
+The server process and every worker process call the same functions on the same config,
+so they agree on the clients' data, the algorithm and the parameter layout without any of
+it being shipped between processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from roost.algorithms.base import ALGORITHMS, Algorithm
+from roost.config import ResolvedConfig
+from roost.data import build_dataset
+from roost.data.base import DatasetInfo, FederatedDataset
+from roost.models import build_model
+from roost.params import ParamLayout
+from roost.registry import ConfigError
+
+__all__ = ["RunParts", "build_module", "build_parts", "initial_params"]
+
+
+def build_module(name: str, config: Any, info: DatasetInfo) -> nn.Module:
+    """Build a model architecture (module-level, so that a partial of it pickles)."""
+    return build_model(name, config, info)
+
+
+def _fields(config: Any) -> dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+@dataclass
+class RunParts:
+    dataset: FederatedDataset
+    algorithm: Algorithm
+    build_module: Callable[[], nn.Module]
+
+
+def build_parts(cfg: ResolvedConfig) -> RunParts:
+    rc = cfg.run
+    dataset = build_dataset(
+        cfg.name("data"),
+        _fields(cfg.config("data")),
+        cfg.name("partition"),
+        _fields(cfg.config("partition")),
+        rc.clients,
+        rc.seed,
+    )
+    if rc.clients_per_round > dataset.num_clients:
+        raise ConfigError(
+            "clients_per_round",
+            rc.clients_per_round,
+            f"must be <= the number of clients ({dataset.num_clients})",
+        )
+    algorithm = ALGORITHMS.get(cfg.name("algorithm")).factory(cfg.config("algorithm"))
+    builder = functools.partial(build_module, cfg.name("model"), cfg.config("model"), dataset.info)
+    return RunParts(dataset, algorithm, builder)
+
+
+def initial_params(cfg: ResolvedConfig, parts: RunParts) -> torch.Tensor:
+    """The initial global parameters: ``torch.manual_seed(seed)`` right before building
+    the model (W1's rule), flattened."""
+    torch.manual_seed(cfg.run.seed)
+    module = parts.build_module()
+    return ParamLayout.of(module).flatten(dict(module.named_parameters()))
