@@ -25,7 +25,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from roost.registry import (
     ConfigError,
@@ -69,6 +69,10 @@ class RunConfig:
         deadline_s: a round's deadline in virtual seconds; clients that would arrive later
             are dropped before they are computed (None: no deadline).
         threads: torch intra-op threads (None: torch's default).
+        state_store: where stateful algorithms keep per-client state between rounds:
+            ``memory`` (this process), or ``disk`` (fixed-size slots in
+            ``client_state.bin`` in the run directory; resident memory does not grow with
+            the number of clients, and worker processes read and write it directly).
         imports: Python modules (names, or paths ending in ``.py``) imported before the
             config is validated, so that algorithms, data loaders or models they register
             can be named; saved in ``config.json``, so ``--resume`` imports them again.
@@ -82,6 +86,7 @@ class RunConfig:
     over_selection: float = 0.0
     deadline_s: float | None = None
     threads: int | None = None
+    state_store: Literal["memory", "disk"] = "memory"
     imports: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

@@ -32,6 +32,7 @@ from roost.clock import VirtualClock
 from roost.config import RunConfig
 from roost.data.base import FederatedDataset
 from roost.runtime.base import Runtime, Task, task_seed
+from roost.state import ClientStateStore
 from roost.system.model import SystemModel
 
 __all__ = ["Callback", "Engine", "History", "RoundPlan", "plan_round"]
@@ -119,6 +120,7 @@ class Engine:
         num_params: int,
         clock: VirtualClock | None = None,
         callbacks: Sequence[Callback] = (),
+        state_store: ClientStateStore | None = None,
     ) -> None:
         self.run_config = run
         self.algorithm = algorithm
@@ -129,6 +131,7 @@ class Engine:
         self.num_params = num_params
         self.clock = clock or VirtualClock()
         self.callbacks = list(callbacks)
+        self.state_store = state_store
         self.wall_offset_s = 0.0
         self._test = dataset.test_data()
 
@@ -161,6 +164,8 @@ class Engine:
         cfg = self.run_config
         payload = self.strategy.payload(r)
         plan = self.plan(r, payload)
+        if self.state_store is not None:
+            self.state_store.begin_round(r)
         per_client = self.strategy.aggregation == "per_client"
         by_arrival = sorted(plan.counted, key=lambda c: plan.arrival_s[c])
         arrival_rank = {c: i for i, c in enumerate(by_arrival)}

@@ -7,8 +7,6 @@ system model, the runtime, and the callbacks that write metrics and checkpoints.
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,30 +18,26 @@ from roost.build import build_parts, initial_params
 from roost.config import ResolvedConfig, resolve
 from roost.engine import Callback, Engine, History
 from roost.runtime.base import RUNTIMES, Job
-from roost.state import InMemoryStateStore
+from roost.state import ClientStateStore, make_state_store
 from roost.system import build_system
 from roost.track.progress import ProgressBar
+from roost.track.resources import peak_rss_mb
 from roost.track.rundir import RunDir, RunDirError
 
-__all__ = ["peak_rss_mb", "resume", "run"]
+__all__ = ["resume", "run", "summarize"]
 
-CHECKPOINT_FORMAT = 1
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MiB (Linux reports KiB)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+CHECKPOINT_FORMAT = 2
 
 
 class _Checkpointer:
     """Callback: append the round's metrics line, then save an atomic checkpoint."""
 
-    def __init__(self, rundir: RunDir, engine: Engine, store: InMemoryStateStore) -> None:
+    def __init__(self, rundir: RunDir, engine: Engine, store: ClientStateStore) -> None:
         self.rundir, self.engine, self.store = rundir, engine, store
 
     def __call__(self, record: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
         self.rundir.append_metrics(record)
+        self.store.commit(record["round"])  # durable before the checkpoint names it
         self.rundir.save_checkpoint(
             {
                 "format": CHECKPOINT_FORMAT,
@@ -51,7 +45,7 @@ class _Checkpointer:
                 "virtual_time_s": record["virtual_time_s"],
                 "wall_time_s": record["wall_time_s"],
                 "strategy": self.engine.strategy.state_dict(),
-                "client_state": self.store.state_dict(),
+                "client_state": self.store.checkpoint_state(),
             }
         )
         return False, {}
@@ -108,7 +102,20 @@ def _execute(
     strategy = algorithm.make_strategy()
     strategy.initialize(init, dataset.num_clients)
     del init
-    store = InMemoryStateStore()
+    if checkpoint is not None:
+        assert rundir is not None
+        if int(checkpoint.get("format", 0)) != CHECKPOINT_FORMAT:
+            raise RunDirError(
+                f"{rundir.path}: checkpoint format {checkpoint.get('format')} "
+                f"is not {CHECKPOINT_FORMAT}"
+            )
+    store = make_state_store(
+        rc.state_store,
+        algorithm.client_state_spec(num_params),
+        dataset.num_clients,
+        rundir.path if rundir is not None else None,
+        checkpoint=checkpoint["client_state"] if checkpoint is not None else None,
+    )
     runtime = RUNTIMES.get(cfg.name("runtime")).factory(cfg.config("runtime"))
     system = build_system(cfg.name("system"), cfg.config("system"), rc.seed)
     engine = Engine(
@@ -119,18 +126,13 @@ def _execute(
         dataset=dataset,
         system=system,
         num_params=num_params,
+        state_store=store,
     )
     history = History()
     start_round = 1
     if checkpoint is not None:
         assert rundir is not None
-        if int(checkpoint.get("format", 0)) != CHECKPOINT_FORMAT:
-            raise RunDirError(
-                f"{rundir.path}: checkpoint format {checkpoint.get('format')} "
-                f"is not {CHECKPOINT_FORMAT}"
-            )
         strategy.load_state_dict(checkpoint["strategy"])
-        store.load_state_dict(checkpoint["client_state"])
         engine.clock.advance_to(float(checkpoint["virtual_time_s"]))
         engine.wall_offset_s = float(checkpoint["wall_time_s"])
         start_round = int(checkpoint["round"]) + 1
@@ -148,6 +150,7 @@ def _execute(
             engine.run(start_round, history)
     finally:
         runtime.close()
+        store.close()
     if rundir is not None:
         rundir.write_summary(
             summarize(history, engine.wall_offset_s + time.perf_counter() - started)
@@ -156,9 +159,11 @@ def _execute(
 
 
 def summarize(history: History, wall_s: float) -> dict[str, Any]:
+    """summary.json: final metrics, time, and peak memory (this process's, and with worker
+    processes each worker's and the sum over all processes)."""
     final = history.final
     evaluated = history.last_evaluated()
-    return {
+    summary = {
         "rounds": final.get("round", 0),
         "final_accuracy": evaluated.get("accuracy"),
         "final_loss": evaluated.get("loss"),
@@ -166,3 +171,8 @@ def summarize(history: History, wall_s: float) -> dict[str, Any]:
         "wall_s": wall_s,
         "peak_rss_mb": peak_rss_mb(),
     }
+    workers = final.get("worker_peak_rss_mb")
+    if workers:
+        summary["peak_rss_mb_workers"] = workers
+        summary["peak_rss_mb_total"] = summary["peak_rss_mb"] + sum(workers)
+    return summary

@@ -58,7 +58,8 @@ AUTO = "auto"
 @DATA.register("w1", W1DataConfig)
 def _w1(cfg: W1DataConfig, clients: int | None, seed: int) -> W1Dataset:
     """W1's synthetic 28x28 images, generated per client (1000 clients unless set)."""
-    return W1Dataset(W1_CLIENTS if clients is None else clients, seed)
+    n = W1_CLIENTS if clients is None else clients
+    return W1Dataset(n, seed, cfg.total_examples, cfg.size_sigma)
 
 
 @DATA.register("digits", DigitsConfig)

@@ -13,6 +13,11 @@ can generate any client alone, in O(n_i), independent of call order:
 
 ``proto[y]`` is float32 and the noise float64, so the sum is float64; it is cast to float32
 after the addition. Images are returned shaped (n, 1, 28, 28) float32, labels int64.
+
+``total_examples`` (W2's scaling rule, not part of W1) rescales the drawn sizes so that
+they sum to exactly that many examples: ``n_i' = floor(n_i T / Σ n)``, and the remainder
+goes one each to the clients with the largest fractional parts (ties: lower id). With many
+clients some hold no examples; they take part but contribute no training.
 """
 
 from __future__ import annotations
@@ -34,7 +39,30 @@ _SIDE = 28
 
 @dataclass(frozen=True)
 class W1DataConfig:
-    """No parameters: the seed and the number of clients come from the run."""
+    """total_examples: 0 keeps WORKLOADS.md's sizes; T > 0 rescales them to sum to T (so
+    that 1,000 or 100,000 clients hold the same data, as W2 asks). size_sigma: the
+    lognormal sigma of the sizes (W1: 0.5; the scheduling benchmark uses 1.0). The seed
+    and the number of clients come from the run."""
+
+    total_examples: int = 0
+    size_sigma: float = 0.5
+
+    def __post_init__(self) -> None:
+        from roost.registry import check
+
+        check(self.total_examples >= 0, "total_examples", self.total_examples, "must be >= 0")
+        check(self.size_sigma >= 0, "size_sigma", self.size_sigma, "must be >= 0")
+
+
+def rescale_sizes(sizes: np.ndarray, total: int) -> np.ndarray:
+    """Sizes proportional to ``sizes`` summing to exactly ``total`` (largest remainders)."""
+    exact = sizes.astype(np.float64) * total / sizes.sum()
+    out = np.floor(exact).astype(np.int64)
+    short = total - int(out.sum())
+    if short > 0:
+        order = np.lexsort((np.arange(len(sizes)), -(exact - out)))
+        out[order[:short]] += 1
+    return out
 
 
 def _as_client_data(x: np.ndarray, y: np.ndarray) -> ClientData:
@@ -51,15 +79,23 @@ class W1Dataset(FederatedDataset):
 
     info = DatasetInfo((1, _SIDE, _SIDE), _CLASSES)
 
-    def __init__(self, num_clients: int = W1_CLIENTS, seed: int = 0) -> None:
+    def __init__(
+        self,
+        num_clients: int = W1_CLIENTS,
+        seed: int = 0,
+        total_examples: int = 0,
+        size_sigma: float = 0.5,
+    ) -> None:
         if num_clients < 1:
             raise ValueError(f"W1 needs at least one client, got {num_clients}")
         self.num_clients = num_clients
         self.seed = seed
         sizes = np.random.default_rng([seed, 0]).lognormal(
-            mean=np.log(50), sigma=0.5, size=num_clients
+            mean=np.log(50), sigma=size_sigma, size=num_clients
         )
         self.sizes = np.clip(sizes, 10, 200).astype(np.int64)
+        if total_examples:
+            self.sizes = rescale_sizes(self.sizes, total_examples)
         self.prototypes = (
             np.random.default_rng([seed, 1])
             .standard_normal((_CLASSES, _SIDE, _SIDE))

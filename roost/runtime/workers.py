@@ -46,8 +46,9 @@ from roost.evaluation import evaluate
 from roost.params import FlatModel
 from roost.registry import check
 from roost.runtime.base import RUNTIMES, Job, Outcome, Runtime, Task
-from roost.runtime.schedule import Scheduler
+from roost.runtime.schedule import Assignment, Scheduler, round_robin
 from roost.state import ClientStateStore
+from roost.track.resources import peak_rss_mb
 
 __all__ = ["WorkerFailure", "WorkersRuntime", "WorkersRuntimeConfig", "launched_by_torchrun"]
 
@@ -60,19 +61,32 @@ class WorkersRuntimeConfig:
     backend: ``auto`` = NCCL with GPUs, gloo without. timeout_s: the longest a collective
     may wait (a round's compute included) before the run is declared failed.
     threads: torch threads per worker (0: the machine's cores shared evenly).
-    smoothing: the scheduler's moving-average weight for measured worker speeds."""
+    smoothing: the scheduler's moving-average weight for measured worker speeds.
+    placement: ``lpt`` (longest predicted task first, to the earliest-finishing worker)
+    or ``round_robin`` (task i to worker i mod N; the baseline).
+    slowdown: per-worker factors that stretch each worker's compute time by sleeping
+    (``1,2`` makes worker 2 take twice as long): emulates a heterogeneous cluster for
+    scheduling experiments. Empty: no slowdown."""
 
     workers: int = 0
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     timeout_s: float = 1800.0
     threads: int = 0
     smoothing: float = 0.3
+    placement: Literal["lpt", "round_robin"] = "lpt"
+    slowdown: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         check(self.workers >= 0, "workers", self.workers, "must be >= 0 (0: automatic)")
         check(self.timeout_s > 0, "timeout_s", self.timeout_s, "must be > 0")
         check(self.threads >= 0, "threads", self.threads, "must be >= 0 (0: automatic)")
         check(0 < self.smoothing <= 1, "smoothing", self.smoothing, "must be in (0, 1]")
+        check(
+            all(f >= 1 for f in self.slowdown),
+            "slowdown",
+            self.slowdown,
+            "factors must be >= 1 (1 = full speed)",
+        )
 
 
 def launched_by_torchrun() -> bool:
@@ -128,6 +142,7 @@ class WorkerReply:
 
     busy_s: float
     client_metrics: list[tuple[int, dict[str, float]]]
+    peak_rss_mb: float
     header: SumHeader | None = None
     contributions: list[Contribution] = field(default_factory=list)
     new_states: dict[int, Tensors] = field(default_factory=dict)
@@ -211,6 +226,9 @@ def worker_loop(rank: int, world_size: int, init_method: str, cfg: WorkersRuntim
             t0 = time.perf_counter()
             outcome = runtime.execute(order.assignments[rank - 1], payloads, order.num_groups)
             busy = time.perf_counter() - t0
+            if rank <= len(cfg.slowdown) and cfg.slowdown[rank - 1] > 1:
+                time.sleep(busy * (cfg.slowdown[rank - 1] - 1))
+                busy = time.perf_counter() - t0
             if shared_store is not None:
                 shared_store.flush()  # durable before the server commits the round
             new_states = store.new if isinstance(store, _ShippedStates) else {}
@@ -252,12 +270,21 @@ def _send_reply(
     if order.num_groups == 1:
         contribution = outcome.contributions[0]
         header = SumHeader.of(contribution)
-        reply = WorkerReply(busy_s, outcome.client_metrics, header, new_states=new_states)
+        reply = WorkerReply(
+            busy_s, outcome.client_metrics, peak_rss_mb(), header, new_states=new_states
+        )
         dist.gather_object(reply, None, dst=0)
         (layout,) = _recv_object()
         dist.reduce(_pack(contribution, layout), dst=0, op=dist.ReduceOp.SUM)
     else:
-        reply = WorkerReply(busy_s, outcome.client_metrics, None, outcome.contributions, new_states)
+        reply = WorkerReply(
+            busy_s,
+            outcome.client_metrics,
+            peak_rss_mb(),
+            None,
+            outcome.contributions,
+            new_states,
+        )
         dist.gather_object(reply, None, dst=0)
 
 
@@ -354,6 +381,8 @@ class WorkersRuntime(Runtime):
             float(job.algorithm.work_examples(job.dataset.num_examples(t.client_id))) for t in tasks
         ]
         plan = scheduler.plan(units)
+        if self.config.placement == "round_robin":
+            plan = Assignment(round_robin(units, self.num_workers), [], float("nan"))
         assignments = [[tasks[i] for i in idx] for idx in plan.per_worker]
         held = {w + 1: [t.client_id for t in a] for w, a in enumerate(assignments)}
         stateful = bool(job.algorithm.client_state_spec(self._num_params()))
@@ -397,6 +426,8 @@ class WorkersRuntime(Runtime):
             "predicted_makespan_s": plan.predicted_makespan_s,
             "makespan_s": max(busy, default=0.0),
             "worker_busy_s": busy,
+            "worker_units": [sum(units[i] for i in idx) for idx in plan.per_worker],
+            "worker_peak_rss_mb": [r.peak_rss_mb for r in replies],
         }
         return Outcome(contributions, client_metrics, metrics)
 

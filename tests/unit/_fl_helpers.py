@@ -281,7 +281,9 @@ def register_recorders() -> None:
         register_algorithm(f"recorded_{name}")(cls)
 
 
-def check_state_survives(name: str, runtime: str, tmp_path: Path, monkeypatch: Any) -> None:
+def check_state_survives(
+    name: str, runtime: str, tmp_path: Path, monkeypatch: Any, state_store: str = "memory"
+) -> None:
     """Run algorithm ``name`` for 5 rounds of the quickstart (10 clients, 3 a round) through
     :func:`roost.runner.run` on ``runtime``, as its recording twin (:func:`register_recorders`,
     loaded by a plugin file so that worker processes, which rebuild the algorithm from the
@@ -316,6 +318,7 @@ def check_state_survives(name: str, runtime: str, tmp_path: Path, monkeypatch: A
         "model.hidden=8",
         "eval_every=0",
         f"runtime={runtime}",
+        f"state_store={state_store}",
     ]
     try:
         cfg = resolve(apply_overrides(load_config_source("quickstart"), overrides))
@@ -332,7 +335,18 @@ def check_state_survives(name: str, runtime: str, tmp_path: Path, monkeypatch: A
         tasks[int(rec["client"])].append(rec)
     assert sum(len(t) for t in tasks.values()) == 5 * 3
     checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    stored = {int(k): v for k, v in checkpoint["client_state"].items()}
+    if state_store == "memory":
+        stored = {int(k): v for k, v in checkpoint["client_state"]["states"].items()}
+    else:  # the run's disk store, reopened from its checkpoint as a resume would
+        from roost.state import make_state_store
+
+        spec = algorithm.client_state_spec(next(iter(tasks.values()))[0]["num_params"])
+        store = make_state_store(
+            "disk", spec, 10, tmp_path / "run", checkpoint=checkpoint["client_state"]
+        )
+        stored = {cid: store.get(cid) for cid in range(10)}
+        stored = {cid: st for cid, st in stored.items() if st is not None}
+        store.close()
     assert set(stored) == set(tasks)
 
     gaps = 0

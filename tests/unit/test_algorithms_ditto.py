@@ -190,6 +190,10 @@ def test_config_validation() -> None:
     assert err.value.key == "personal_epochs"
 
 
-@pytest.mark.parametrize("runtime", ["local"])
-def test_client_state_survives_between_rounds(runtime: str, tmp_path, monkeypatch) -> None:
-    check_state_survives("ditto", runtime, tmp_path, monkeypatch)
+@pytest.mark.parametrize(
+    ("runtime", "state_store"), [("local", "memory"), ("workers", "memory"), ("workers", "disk")]
+)
+def test_client_state_survives_between_rounds(
+    runtime: str, state_store: str, tmp_path, monkeypatch
+) -> None:
+    check_state_survives("ditto", runtime, tmp_path, monkeypatch, state_store)

@@ -203,6 +203,10 @@ def test_spec() -> None:
     assert alg.upload_nbytes(9) == 4 * 9
 
 
-@pytest.mark.parametrize("runtime", ["local"])
-def test_client_state_survives_between_rounds(runtime: str, tmp_path, monkeypatch) -> None:
-    check_state_survives("feddyn", runtime, tmp_path, monkeypatch)
+@pytest.mark.parametrize(
+    ("runtime", "state_store"), [("local", "memory"), ("workers", "memory"), ("workers", "disk")]
+)
+def test_client_state_survives_between_rounds(
+    runtime: str, state_store: str, tmp_path, monkeypatch
+) -> None:
+    check_state_survives("feddyn", runtime, tmp_path, monkeypatch, state_store)

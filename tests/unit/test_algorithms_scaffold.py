@@ -223,6 +223,10 @@ def test_needs_the_number_of_clients() -> None:
         strategy.step(1, [c])
 
 
-@pytest.mark.parametrize("runtime", ["local"])
-def test_client_state_survives_between_rounds(runtime: str, tmp_path, monkeypatch) -> None:
-    check_state_survives("scaffold", runtime, tmp_path, monkeypatch)
+@pytest.mark.parametrize(
+    ("runtime", "state_store"), [("local", "memory"), ("workers", "memory"), ("workers", "disk")]
+)
+def test_client_state_survives_between_rounds(
+    runtime: str, state_store: str, tmp_path, monkeypatch
+) -> None:
+    check_state_survives("scaffold", runtime, tmp_path, monkeypatch, state_store)

@@ -45,7 +45,7 @@ def test_unknown_names_and_keys() -> None:
     assert e.value.key == "data" and "digits" in str(e.value)
     with pytest.raises(ConfigError) as e:
         build_dataset("w1", {"clients": 5}, "auto", {}, None, 0)
-    assert e.value.key == "data.clients" and "no parameters" in str(e.value)
+    assert e.value.key == "data.clients" and "allowed: size_sigma, total_examples" in str(e.value)
     with pytest.raises(ConfigError) as e:
         build_dataset("w1", {}, "random", {}, None, 0)
     assert e.value.key == "partition" and "auto" in str(e.value) and "shards" in str(e.value)
