@@ -75,11 +75,17 @@ def main() -> None:
             "mean_after_warmup": statistics.mean(ratios_after),
             "max_after_warmup": max(ratios_after),
         }
-        print(f"{placement:12s} makespan/ideal per round: "
-              + " ".join(f"{x:.3f}" for x in r)
-              + f"   mean after warm-up {statistics.mean(ratios_after):.3f}", flush=True)
-    print(json.dumps({"benchmark": "schedule", "target": 1.15, "warmup": args.warmup,
-                      "results": results}))
+        print(
+            f"{placement:12s} makespan/ideal per round: "
+            + " ".join(f"{x:.3f}" for x in r)
+            + f"   mean after warm-up {statistics.mean(ratios_after):.3f}",
+            flush=True,
+        )
+    print(
+        json.dumps(
+            {"benchmark": "schedule", "target": 1.15, "warmup": args.warmup, "results": results}
+        )
+    )
 
 
 if __name__ == "__main__":
