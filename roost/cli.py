@@ -75,7 +75,7 @@ def _torchrun_worker(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from roost.config import apply_overrides, load_config_source, resolve
+    from roost.config import PRESETS, apply_overrides, load_config_source, resolve
     from roost.runner import resume, run
     from roost.runtime.workers import launched_by_torchrun
 
@@ -92,7 +92,7 @@ def _run(args: argparse.Namespace) -> int:
         out = Path(args.resume)
     else:
         if not args.items:
-            return _fail("roost run needs PRESET_OR_FILE (presets: quickstart, w1)")
+            return _fail(f"roost run needs PRESET_OR_FILE (presets: {', '.join(sorted(PRESETS))})")
         source, *overrides = args.items
         cfg = resolve(apply_overrides(load_config_source(source), overrides))
         if launched_by_torchrun() and cfg.name("runtime") != "workers":

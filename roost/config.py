@@ -209,7 +209,33 @@ def _w1() -> dict[str, Any]:
     }
 
 
-PRESETS: dict[str, Callable[[], dict[str, Any]]] = {"quickstart": _quickstart, "w1": _w1}
+def _w2() -> dict[str, Any]:
+    """WORKLOADS.md W2: W1 with SCAFFOLD (a model-size control variate per client), 10 rounds
+    of the CNN on two worker processes, client state in the on-disk store."""
+    tree = _w1()
+    tree.update(
+        {
+            "rounds": 10,
+            "state_store": "disk",
+            "algorithm": {
+                "name": "scaffold",
+                "lr": 0.05,
+                "batch_size": 20,
+                "local_epochs": 1,
+                "shuffle": False,
+            },
+            "model": {"name": "cnn"},
+            "runtime": {"name": "workers", "workers": 2},
+        }
+    )
+    return tree
+
+
+PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
+    "quickstart": _quickstart,
+    "w1": _w1,
+    "w2": _w2,
+}
 
 
 # --------------------------------------------------------------------------- sources

@@ -48,7 +48,7 @@ from roost.registry import check
 from roost.runtime.base import RUNTIMES, Job, Outcome, Runtime, Task
 from roost.runtime.schedule import Assignment, Scheduler, round_robin
 from roost.state import ClientStateStore
-from roost.track.resources import peak_rss_mb
+from roost.track.resources import peak_rss_mb, use_mmap_for_large_allocations
 
 __all__ = ["WorkerFailure", "WorkersRuntime", "WorkersRuntimeConfig", "launched_by_torchrun"]
 
@@ -189,6 +189,7 @@ def worker_loop(rank: int, world_size: int, init_method: str, cfg: WorkersRuntim
     from roost.config import resolve
     from roost.runtime.local import LocalRuntime
 
+    use_mmap_for_large_allocations()
     backend = _backend(cfg)
     if backend == "nccl":
         torch.cuda.set_device((rank - 1) % torch.cuda.device_count())
@@ -275,7 +276,11 @@ def _send_reply(
         )
         dist.gather_object(reply, None, dst=0)
         (layout,) = _recv_object()
-        dist.reduce(_pack(contribution, layout), dst=0, op=dist.ReduceOp.SUM)
+        for name, numel in layout:  # each sum in place: no packed copy of the model
+            t = contribution.sums.get(name)
+            if t is None:
+                t = torch.zeros(numel, dtype=torch.float64)
+            dist.reduce(t.reshape(-1), dst=0, op=dist.ReduceOp.SUM)
     else:
         reply = WorkerReply(
             busy_s,
@@ -286,17 +291,6 @@ def _send_reply(
             new_states,
         )
         dist.gather_object(reply, None, dst=0)
-
-
-def _pack(c: Contribution, layout: list[tuple[str, int]]) -> torch.Tensor:
-    flat = torch.zeros(sum(n for _, n in layout), dtype=torch.float64)
-    offset = 0
-    for name, numel in layout:
-        t = c.sums.get(name)
-        if t is not None:
-            flat[offset : offset + numel].copy_(t.reshape(-1))
-        offset += numel
-    return flat
 
 
 # --------------------------------------------------------------------------- server side
@@ -438,13 +432,10 @@ class WorkersRuntime(Runtime):
             names.update(h.sizes)
         layout = sorted(names.items())
         dist.broadcast_object_list([layout], src=0)
-        flat = torch.zeros(sum(n for _, n in layout), dtype=torch.float64)
-        dist.reduce(flat, dst=0, op=dist.ReduceOp.SUM)
         total = Contribution()
-        offset = 0
         for name, numel in layout:
-            total.sums[name] = flat[offset : offset + numel]
-            offset += numel
+            total.sums[name] = torch.zeros(numel, dtype=torch.float64)
+            dist.reduce(total.sums[name], dst=0, op=dist.ReduceOp.SUM)
         for h in headers:
             for k, v in h.scalar_sums.items():
                 total.scalar_sums[k] = total.scalar_sums.get(k, 0.0) + v

@@ -8,8 +8,8 @@ Each markdown file is executed top to bottom in a fresh temporary directory:
 * in a ```` ```console ```` block every ``$ `` line is a command. Its ``&&``-separated
   parts that call ``roost`` are run with :func:`roost.cli.main` and must exit 0; setup
   parts (``python3 -m venv``, ``pip install``, ``pytest``) are what CI itself runs and are
-  skipped here. Lines after a command, up to the next command, are its expected output,
-  compared exactly.
+  skipped here; a ``torchrun`` command runs as a subprocess. Lines after a command, up to
+  the next command, are its expected output, compared exactly.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import contextlib
 import io
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -53,6 +54,14 @@ def roost_argv(part: str) -> list[str] | None:
         return words[1:]
     assert part.strip().startswith(SETUP), f"documented command is neither roost nor setup: {part}"
     return None
+
+
+def run_torchrun(command: str) -> None:
+    """``torchrun ...`` runs for real, as a subprocess (it starts its own processes)."""
+    words = shlex.split(command)
+    argv = [sys.executable, "-m", "torch.distributed.run", *words[1:], "--quiet"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"`{command}` exited {done.returncode}:\n{done.stderr[-3000:]}"
 
 
 def run_console(command: str, expected: list[str]) -> None:
@@ -91,7 +100,10 @@ def test_every_example_in_the_doc_runs(doc, tmp_path, monkeypatch, isolated_regi
             exec(compile(body, f"{doc.name}:python", "exec"), {"__name__": "__doc_example__"})
         elif lang == "console":
             for command, expected in console_commands(body):
-                run_console(command, expected)
+                if command.startswith("torchrun "):
+                    run_torchrun(command)
+                else:
+                    run_console(command, expected)
         else:
             continue
         found += 1

@@ -83,5 +83,5 @@ def test_file_parse_errors_say_where(tmp_path):
 
 
 def test_missing_source_lists_presets():
-    with pytest.raises(ConfigError, match="no such preset or file; presets: quickstart, w1"):
+    with pytest.raises(ConfigError, match="no such preset or file; presets: quickstart, w1, w2"):
         load_config_source("nonexistent-preset")
