@@ -30,11 +30,8 @@ import contextlib
 import datetime
 import os
 import signal
-import socket
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -44,256 +41,27 @@ from roost.data.base import ClientData
 from roost.errors import WorkerFailure
 from roost.evaluation import evaluate
 from roost.params import FlatModel
-from roost.registry import check
 from roost.runtime.base import RUNTIMES, Job, Outcome, Runtime, Task
 from roost.runtime.schedule import Assignment, Scheduler, round_robin
-from roost.state import ClientStateStore
-from roost.track.resources import peak_rss_mb, use_mmap_for_large_allocations
+from roost.runtime.worker_process import worker_loop
+from roost.runtime.workers_protocol import (
+    RoundOrder,
+    WorkerReply,
+    WorkersRuntimeConfig,
+    backend_for,
+    free_port,
+    launched_by_torchrun,
+    payload_tensors,
+    shared_store_info,
+)
 
-__all__ = ["WorkerFailure", "WorkersRuntime", "WorkersRuntimeConfig", "launched_by_torchrun"]
-
-Tensors = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class WorkersRuntimeConfig:
-    """workers: worker processes (0: one per GPU when GPUs are present, else 2).
-    backend: ``auto`` = NCCL with GPUs, gloo without. timeout_s: the longest a collective
-    may wait (a round's compute included) before the run is declared failed.
-    threads: torch threads per worker (0: the machine's cores shared evenly).
-    smoothing: the scheduler's moving-average weight for measured worker speeds.
-    placement: ``lpt`` (longest predicted task first, to the earliest-finishing worker)
-    or ``round_robin`` (task i to worker i mod N; the baseline).
-    slowdown: per-worker factors that stretch each worker's compute time by sleeping
-    (``1,2`` makes worker 2 take twice as long): emulates a heterogeneous cluster for
-    scheduling experiments. Empty: no slowdown."""
-
-    workers: int = 0
-    backend: Literal["auto", "gloo", "nccl"] = "auto"
-    timeout_s: float = 1800.0
-    threads: int = 0
-    smoothing: float = 0.3
-    placement: Literal["lpt", "round_robin"] = "lpt"
-    slowdown: tuple[float, ...] = ()
-
-    def __post_init__(self) -> None:
-        check(self.workers >= 0, "workers", self.workers, "must be >= 0 (0: automatic)")
-        check(self.timeout_s > 0, "timeout_s", self.timeout_s, "must be > 0")
-        check(self.threads >= 0, "threads", self.threads, "must be >= 0 (0: automatic)")
-        check(0 < self.smoothing <= 1, "smoothing", self.smoothing, "must be in (0, 1]")
-        check(
-            all(f >= 1 for f in self.slowdown),
-            "slowdown",
-            self.slowdown,
-            "factors must be >= 1 (1 = full speed)",
-        )
-
-
-def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _backend(cfg: WorkersRuntimeConfig) -> str:
-    if cfg.backend != "auto":
-        return cfg.backend
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
-# --------------------------------------------------------------------------- messages
-
-
-@dataclass
-class RoundOrder:
-    """What the server broadcasts before each execute."""
-
-    assignments: list[list[Task]]
-    payload_layout: dict[int, list[tuple[str, int]]]
-    num_groups: int
-    shipped_states: dict[int, Tensors] | None
-
-
-@dataclass
-class SumHeader:
-    """A contribution without its tensors: their sizes, and the small fields."""
-
-    sizes: dict[str, int]
-    scalar_sums: dict[str, float]
-    weight: float
-    count: int
-    clients: list[int]
-
-    @staticmethod
-    def of(c: Contribution) -> SumHeader:
-        sizes = {k: v.numel() for k, v in c.sums.items()}
-        return SumHeader(sizes, c.scalar_sums, c.weight, c.count, c.clients)
-
-
-@dataclass
-class WorkerReply:
-    """What a worker sends back by gather. On the reduce path (one group) it carries the
-    :class:`SumHeader` and the tensors follow in one reduce; otherwise it carries the
-    per-group contributions whole."""
-
-    busy_s: float
-    client_metrics: list[tuple[int, dict[str, float]]]
-    peak_rss_mb: float
-    header: SumHeader | None = None
-    contributions: list[Contribution] = field(default_factory=list)
-    new_states: dict[int, Tensors] = field(default_factory=dict)
-
-
-def _shared_store_info(store: ClientStateStore) -> dict[str, Any] | None:
-    """How another process opens ``store`` (None: it lives in this process's memory)."""
-    share = getattr(store, "share", None)
-    return share() if share is not None else None
-
-
-def _open_shared_store(info: dict[str, Any]) -> Any:
-    from roost.state import open_shared_store
-
-    return open_shared_store(info)
-
-
-def _payload_tensors(payload: Payload) -> list[tuple[str, torch.Tensor]]:
-    return [("params", payload.params), *sorted(payload.extras.items())]
-
-
-class _ShippedStates(ClientStateStore):
-    """A worker's view of an in-memory store: states shipped with the tasks, new states
-    collected to be sent back."""
-
-    def __init__(self, states: Mapping[int, Tensors]) -> None:
-        self.states = dict(states)
-        self.new: dict[int, Tensors] = {}
-
-    def get(self, client_id: int) -> Tensors | None:
-        return self.states.get(client_id)
-
-    def put(self, client_id: int, state: Tensors) -> None:
-        self.new[client_id] = {k: v.detach().clone() for k, v in state.items()}
-
-
-# --------------------------------------------------------------------------- worker side
-
-
-def worker_loop(rank: int, world_size: int, init_method: str, cfg: WorkersRuntimeConfig) -> None:
-    """A worker's life: join, receive the run config, then execute rounds until told to
-    stop. Called in spawned processes and, under torchrun, by ranks >= 1."""
-    from roost.build import build_parts
-    from roost.config import resolve
-    from roost.runtime.local import LocalRuntime
-
-    use_mmap_for_large_allocations()
-    backend = _backend(cfg)
-    if backend == "nccl":
-        torch.cuda.set_device((rank - 1) % torch.cuda.device_count())
-    dist.init_process_group(
-        backend,
-        init_method=init_method,
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=cfg.timeout_s),
-    )
-    try:
-        (setup,) = _recv_object()
-        threads = cfg.threads or max(1, (os.cpu_count() or 1) // max(1, world_size - 1))
-        torch.set_num_threads(threads)
-        parts = build_parts(resolve(setup["config"]))
-        shared_store = _open_shared_store(setup["store"]) if setup["store"] else None
-        runtime = LocalRuntime()
-        runtime.start(
-            Job(
-                parts.algorithm,
-                parts.dataset,
-                parts.build_module,
-                shared_store or _ShippedStates({}),
-            )
-        )
-        payload_buffers: dict[tuple[int, str], torch.Tensor] = {}
-        while True:
-            (message,) = _recv_object()
-            if message is None:
-                return
-            order: RoundOrder = message
-            payloads = _recv_payloads(order, payload_buffers)
-            store = shared_store or _ShippedStates(order.shipped_states or {})
-            runtime.use_state_store(store)
-            t0 = time.perf_counter()
-            outcome = runtime.execute(order.assignments[rank - 1], payloads, order.num_groups)
-            busy = time.perf_counter() - t0
-            if rank <= len(cfg.slowdown) and cfg.slowdown[rank - 1] > 1:
-                time.sleep(busy * (cfg.slowdown[rank - 1] - 1))
-                busy = time.perf_counter() - t0
-            if shared_store is not None:
-                shared_store.flush()  # durable before the server commits the round
-            new_states = store.new if isinstance(store, _ShippedStates) else {}
-            _send_reply(order, busy, outcome, new_states)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _recv_object() -> list[Any]:
-    box: list[Any] = [None]
-    dist.broadcast_object_list(box, src=0)
-    return box
-
-
-def _recv_payloads(
-    order: RoundOrder, buffers: dict[tuple[int, str], torch.Tensor]
-) -> dict[int, Payload]:
-    payloads: dict[int, Payload] = {}
-    for version, layout in sorted(order.payload_layout.items()):
-        tensors: Tensors = {}
-        for name, numel in layout:
-            key = (0, name)  # one buffer per name, reused round after round
-            buf = buffers.get(key)
-            if buf is None or buf.numel() != numel or len(order.payload_layout) > 1:
-                buf = torch.empty(numel, dtype=torch.float32)
-                if len(order.payload_layout) == 1:
-                    buffers[key] = buf
-            dist.broadcast(buf, src=0)
-            tensors[name] = buf
-        params = tensors.pop("params")
-        payloads[version] = Payload(params, version, tensors)
-    return payloads
-
-
-def _send_reply(
-    order: RoundOrder, busy_s: float, outcome: Outcome, new_states: dict[int, Tensors]
-) -> None:
-    if order.num_groups == 1:
-        contribution = outcome.contributions[0]
-        header = SumHeader.of(contribution)
-        reply = WorkerReply(
-            busy_s, outcome.client_metrics, peak_rss_mb(), header, new_states=new_states
-        )
-        dist.gather_object(reply, None, dst=0)
-        (layout,) = _recv_object()
-        for name, numel in layout:  # each sum in place: no packed copy of the model
-            t = contribution.sums.get(name)
-            if t is None:
-                t = torch.zeros(numel, dtype=torch.float64)
-            dist.reduce(t.reshape(-1), dst=0, op=dist.ReduceOp.SUM)
-    else:
-        reply = WorkerReply(
-            busy_s,
-            outcome.client_metrics,
-            peak_rss_mb(),
-            None,
-            outcome.contributions,
-            new_states,
-        )
-        dist.gather_object(reply, None, dst=0)
-
-
-# --------------------------------------------------------------------------- server side
+__all__ = [
+    "WorkerFailure",
+    "WorkersRuntime",
+    "WorkersRuntimeConfig",
+    "launched_by_torchrun",
+    "worker_loop",
+]
 
 
 class WorkersRuntime(Runtime):
@@ -312,7 +80,7 @@ class WorkersRuntime(Runtime):
     def start(self, job: Job) -> None:
         cfg = self.config
         self._job = job
-        backend = _backend(cfg)
+        backend = backend_for(cfg)
         timeout = datetime.timedelta(seconds=cfg.timeout_s)
         if launched_by_torchrun():
             world = int(os.environ["WORLD_SIZE"])
@@ -324,7 +92,7 @@ class WorkersRuntime(Runtime):
         else:
             n = cfg.workers or (torch.cuda.device_count() if torch.cuda.is_available() else 2)
             world = n + 1
-            init_method = f"tcp://127.0.0.1:{_free_port()}"
+            init_method = f"tcp://127.0.0.1:{free_port()}"
             ctx = torch.multiprocessing.get_context("spawn")
             for rank in range(1, world):
                 p = ctx.Process(
@@ -342,7 +110,7 @@ class WorkersRuntime(Runtime):
         if self.num_workers < 1:
             raise RuntimeError("runtime=workers needs at least one worker process")
         self.scheduler = Scheduler(self.num_workers, cfg.smoothing)
-        setup = {"config": job.config, "store": _shared_store_info(job.state_store)}
+        setup = {"config": job.config, "store": shared_store_info(job.state_store)}
         self._guard("joining", {}, lambda: dist.broadcast_object_list([setup], src=0))
         self._eval_model = FlatModel(job.build_module())
 
@@ -381,19 +149,19 @@ class WorkersRuntime(Runtime):
         held = {w + 1: [t.client_id for t in a] for w, a in enumerate(assignments)}
         stateful = bool(job.algorithm.client_state_spec(self._num_params()))
         shipped = None
-        if stateful and _shared_store_info(job.state_store) is None:
+        if stateful and shared_store_info(job.state_store) is None:
             shipped = {}
             for t in tasks:
                 s = job.state_store.get(t.client_id)
                 if s is not None:
                     shipped[t.client_id] = s
-        layout = {v: [(n, t.numel()) for n, t in _payload_tensors(p)] for v, p in payloads.items()}
+        layout = {v: [(n, t.numel()) for n, t in payload_tensors(p)] for v, p in payloads.items()}
         order = RoundOrder(assignments, layout, num_groups, shipped)
 
         def exchange() -> tuple[list[WorkerReply], list[Contribution]]:
             dist.broadcast_object_list([order], src=0)
             for _, payload in sorted(payloads.items()):
-                for _, t in _payload_tensors(payload):
+                for _, t in payload_tensors(payload):
                     dist.broadcast(t.detach().contiguous(), src=0)
             replies: list[Any] = [None] * (self.num_workers + 1)
             dist.gather_object(None, replies, dst=0)

@@ -17,7 +17,7 @@ import psutil
 import pytest
 import torch
 
-import roost.state
+import roost.state.disk
 from roost.state import (
     STATE_FILE_NAME,
     ClientStateStore,
@@ -253,7 +253,7 @@ def test_a_put_killed_midway_leaves_the_previous_state(tmp_path, monkeypatch):
     store.commit(1)
     checkpoint = store.checkpoint_state()
     calls = []
-    real = roost.state._pwrite_all
+    real = roost.state.disk._pwrite_all
 
     def dies_before_the_header(fd, buffers, offset):
         calls.append(offset)
@@ -261,7 +261,7 @@ def test_a_put_killed_midway_leaves_the_previous_state(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         real(fd, buffers, offset)
 
-    monkeypatch.setattr(roost.state, "_pwrite_all", dies_before_the_header)
+    monkeypatch.setattr(roost.state.disk, "_pwrite_all", dies_before_the_header)
     with pytest.raises(KeyboardInterrupt):
         store.put(2, _state(2.0))
     monkeypatch.undo()
