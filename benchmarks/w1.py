@@ -57,25 +57,40 @@ def floor_once(model: str) -> dict[str, float]:
     return {"wall_s": wall, "rss_mb": rss, "final_loss": json.loads(line)["final_loss"]}
 
 
-def roost_once(model: str) -> dict[str, float]:
+def roost_once(model: str, *overrides: str) -> dict[str, float]:
+    """``roost run w1 model=MODEL [overrides]``; RSS is summed over all processes."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
-        wall, rss, _ = _measure(
-            [
-                sys.executable,
-                "-m",
-                "roost",
-                "run",
-                "w1",
-                f"model={model}",
-                "--out",
-                str(out),
-                "--quiet",
-            ],
-            "final accuracy",
-        )
+        cmd = [sys.executable, "-m", "roost", "run", "w1", f"model={model}", *overrides]
+        wall, rss, _ = _measure([*cmd, "--out", str(out), "--quiet"], "final accuracy")
         summary = json.loads((out / "summary.json").read_text())
+    rss = summary.get("peak_rss_mb_total", rss)
     return {"wall_s": wall, "rss_mb": rss, "final_loss": summary["final_loss"]}
+
+
+def compare(model: str, reps: int, *overrides: str) -> dict[str, float]:
+    """Floor and Roost interleaved ``reps`` times (alternating which goes first); medians."""
+    floor, roost = [], []
+    for rep in range(reps):
+        runs = [
+            ("floor", lambda: floor_once(model)),
+            ("roost", lambda: roost_once(model, *overrides)),
+        ]
+        for name, fn in runs if rep % 2 == 0 else runs[::-1]:
+            (floor if name == "floor" else roost).append(fn())
+    fw = statistics.median(r["wall_s"] for r in floor)
+    rw = statistics.median(r["wall_s"] for r in roost)
+    fm = statistics.median(r["rss_mb"] for r in floor)
+    rm = statistics.median(r["rss_mb"] for r in roost)
+    return {
+        "floor_wall_s": fw,
+        "roost_wall_s": rw,
+        "wall_ratio": rw / fw,
+        "floor_rss_mb": fm,
+        "roost_rss_mb": rm,
+        "rss_ratio": rm / fm,
+        "loss_abs_diff": abs(floor[0]["final_loss"] - roost[0]["final_loss"]),
+    }
 
 
 def main() -> None:
@@ -89,30 +104,13 @@ def main() -> None:
         f"{'floor RSS':>10s} {'roost RSS':>10s} {'ratio':>6s}  loss |diff|"
     )
     for model in args.models.split(","):
-        floor, roost = [], []
-        for rep in range(args.reps):
-            pair = (floor_once, roost_once) if rep % 2 == 0 else (roost_once, floor_once)
-            for fn in pair:
-                (floor if fn is floor_once else roost).append(fn(model))
-        fw = statistics.median(r["wall_s"] for r in floor)
-        rw = statistics.median(r["wall_s"] for r in roost)
-        fm = statistics.median(r["rss_mb"] for r in floor)
-        rm = statistics.median(r["rss_mb"] for r in roost)
-        diff = abs(floor[0]["final_loss"] - roost[0]["final_loss"])
-        results[model] = {
-            "floor_wall_s": fw,
-            "roost_wall_s": rw,
-            "wall_ratio": rw / fw,
-            "floor_rss_mb": fm,
-            "roost_rss_mb": rm,
-            "rss_ratio": rm / fm,
-            "loss_abs_diff": diff,
-            "wall_target": TARGET_WALL[model],
-            "rss_target": TARGET_RSS,
-        }
+        r = compare(model, args.reps)
+        r.update(wall_target=TARGET_WALL[model], rss_target=TARGET_RSS)
+        results[model] = r
         print(
-            f"{model:5s} {fw:9.2f}s {rw:9.2f}s {rw / fw:6.3f} {fm:8.0f}MB {rm:8.0f}MB "
-            f"{rm / fm:6.3f}  {diff:.2e}",
+            f"{model:5s} {r['floor_wall_s']:9.2f}s {r['roost_wall_s']:9.2f}s "
+            f"{r['wall_ratio']:6.3f} {r['floor_rss_mb']:8.0f}MB {r['roost_rss_mb']:8.0f}MB "
+            f"{r['rss_ratio']:6.3f}  {r['loss_abs_diff']:.2e}",
             flush=True,
         )
     print(

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from w1 import _measure, floor_once  # noqa: E402
+from w1 import _measure, compare  # noqa: E402
 
 MODEL_MB = 1_663_370 * 4 / 2**20  # the CNN's float32 parameters
 
@@ -62,33 +61,6 @@ def w2_once(clients: int, total_examples: int) -> dict[str, float]:
     }
 
 
-def w1_workers_once(model: str) -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "run"
-        wall, _, _ = _measure(
-            [
-                sys.executable,
-                "-m",
-                "roost",
-                "run",
-                "w1",
-                f"model={model}",
-                "runtime=workers",
-                "workers=2",
-                "--out",
-                str(out),
-                "--quiet",
-            ],
-            "final accuracy",
-        )
-        summary = json.loads((out / "summary.json").read_text())
-    return {
-        "wall_s": wall,
-        "rss_mb": summary["peak_rss_mb_total"],
-        "final_loss": summary["final_loss"],
-    }
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description="W2 memory at scale; W1 on 2 workers vs floor")
     p.add_argument("--reps", type=int, default=3, help="repetitions of the W1 comparison")
@@ -117,27 +89,11 @@ def main() -> None:
 
     w1 = {}
     for model in args.w1_models.split(","):
-        floor, roost = [], []
-        for rep in range(args.reps):
-            order = (floor_once, w1_workers_once) if rep % 2 == 0 else (w1_workers_once, floor_once)
-            for fn in order:
-                (floor if fn is floor_once else roost).append(fn(model))
-        fw = statistics.median(r["wall_s"] for r in floor)
-        rw = statistics.median(r["wall_s"] for r in roost)
-        fm = statistics.median(r["rss_mb"] for r in floor)
-        rm = statistics.median(r["rss_mb"] for r in roost)
-        w1[model] = {
-            "floor_wall_s": fw,
-            "roost_wall_s": rw,
-            "wall_ratio": rw / fw,
-            "floor_rss_mb": fm,
-            "roost_rss_mb": rm,
-            "rss_ratio": rm / fm,
-            "loss_abs_diff": abs(floor[0]["final_loss"] - roost[0]["final_loss"]),
-        }
+        r = w1[model] = compare(model, args.reps, "runtime=workers", "workers=2")
         print(
-            f"W1 {model} workers=2: wall {rw:.2f}s vs floor {fw:.2f}s = {rw / fw:.3f}x;"
-            f" RSS (all processes) {rm:.0f} MB vs {fm:.0f} MB = {rm / fm:.2f}x",
+            f"W1 {model} workers=2: wall {r['roost_wall_s']:.2f}s vs floor "
+            f"{r['floor_wall_s']:.2f}s = {r['wall_ratio']:.3f}x; RSS (all processes) "
+            f"{r['roost_rss_mb']:.0f} MB vs {r['floor_rss_mb']:.0f} MB = {r['rss_ratio']:.2f}x",
             flush=True,
         )
     print(json.dumps({"benchmark": "w2", "model_mb": MODEL_MB, "w2": w2, "w1_workers": w1}))
