@@ -15,13 +15,13 @@ import torch.distributed as dist
 from roost.algorithms.base import Payload
 from roost.runtime.base import Job, Outcome
 from roost.runtime.workers_protocol import (
+    BACKEND,
     RoundOrder,
     ShippedStates,
     SumHeader,
     Tensors,
     WorkerReply,
     WorkersRuntimeConfig,
-    backend_for,
     open_store_from,
 )
 from roost.track.resources import peak_rss_mb, use_mmap_for_large_allocations
@@ -37,11 +37,8 @@ def worker_loop(rank: int, world_size: int, init_method: str, cfg: WorkersRuntim
     from roost.runtime.local import LocalRuntime
 
     use_mmap_for_large_allocations()
-    backend = backend_for(cfg)
-    if backend == "nccl":
-        torch.cuda.set_device((rank - 1) % torch.cuda.device_count())
     dist.init_process_group(
-        backend,
+        BACKEND,
         init_method=init_method,
         rank=rank,
         world_size=world_size,

@@ -1,7 +1,7 @@
 """The ``workers`` runtime: FedML Parrot's sequential, hierarchical training on N processes.
 
 Rank 0 is the server (the engine's process); ranks 1..N are long-lived workers, joined in
-one ``torch.distributed`` process group (gloo on CPU, NCCL when GPUs are present). Each
+one ``torch.distributed`` process group (gloo; workers compute on the CPU for now). Each
 round:
 
 1. the server places the round's tasks on workers with the workload-aware
@@ -45,10 +45,10 @@ from roost.runtime.base import RUNTIMES, Job, Outcome, Runtime, Task
 from roost.runtime.schedule import Assignment, Scheduler, round_robin
 from roost.runtime.worker_process import worker_loop
 from roost.runtime.workers_protocol import (
+    BACKEND,
     RoundOrder,
     WorkerReply,
     WorkersRuntimeConfig,
-    backend_for,
     free_port,
     launched_by_torchrun,
     payload_tensors,
@@ -80,18 +80,16 @@ class WorkersRuntime(Runtime):
     def start(self, job: Job) -> None:
         cfg = self.config
         self._job = job
-        backend = backend_for(cfg)
         timeout = datetime.timedelta(seconds=cfg.timeout_s)
         if launched_by_torchrun():
             world = int(os.environ["WORLD_SIZE"])
             if int(os.environ["RANK"]) != 0:
                 raise RuntimeError("WorkersRuntime.start runs on rank 0 only")
             dist.init_process_group(
-                backend, init_method="env://", rank=0, world_size=world, timeout=timeout
+                BACKEND, init_method="env://", rank=0, world_size=world, timeout=timeout
             )
         else:
-            n = cfg.workers or (torch.cuda.device_count() if torch.cuda.is_available() else 2)
-            world = n + 1
+            world = cfg.workers + 1
             init_method = f"tcp://127.0.0.1:{free_port()}"
             ctx = torch.multiprocessing.get_context("spawn")
             for rank in range(1, world):
@@ -104,7 +102,7 @@ class WorkersRuntime(Runtime):
                 p.start()
                 self.processes.append(p)
             dist.init_process_group(
-                backend, init_method=init_method, rank=0, world_size=world, timeout=timeout
+                BACKEND, init_method=init_method, rank=0, world_size=world, timeout=timeout
             )
         self.num_workers = world - 1
         if self.num_workers < 1:

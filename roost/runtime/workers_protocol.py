@@ -19,11 +19,14 @@ from roost.state import ClientStateStore
 
 Tensors = dict[str, torch.Tensor]
 
+BACKEND = "gloo"
+"""The process group's backend. Tensors travel through host memory (gloo); GPU
+computation with NCCL transport is not implemented yet."""
+
 
 @dataclass(frozen=True)
 class WorkersRuntimeConfig:
-    """workers: worker processes (0: one per GPU when GPUs are present, else 2).
-    backend: ``auto`` = NCCL with GPUs, gloo without. timeout_s: the longest a collective
+    """workers: worker processes. timeout_s: the longest a collective
     may wait (a round's compute included) before the run is declared failed.
     threads: torch threads per worker (0: the machine's cores shared evenly).
     smoothing: the scheduler's moving-average weight for measured worker speeds.
@@ -33,8 +36,7 @@ class WorkersRuntimeConfig:
     (``1,2`` makes worker 2 take twice as long): emulates a heterogeneous cluster for
     scheduling experiments. Empty: no slowdown."""
 
-    workers: int = 0
-    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    workers: int = 2
     timeout_s: float = 1800.0
     threads: int = 0
     smoothing: float = 0.3
@@ -42,7 +44,7 @@ class WorkersRuntimeConfig:
     slowdown: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
-        check(self.workers >= 0, "workers", self.workers, "must be >= 0 (0: automatic)")
+        check(self.workers >= 1, "workers", self.workers, "must be >= 1")
         check(self.timeout_s > 0, "timeout_s", self.timeout_s, "must be > 0")
         check(self.threads >= 0, "threads", self.threads, "must be >= 0 (0: automatic)")
         check(0 < self.smoothing <= 1, "smoothing", self.smoothing, "must be in (0, 1]")
@@ -62,12 +64,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def backend_for(cfg: WorkersRuntimeConfig) -> str:
-    if cfg.backend != "auto":
-        return cfg.backend
-    return "nccl" if torch.cuda.is_available() else "gloo"
 
 
 # --------------------------------------------------------------------------- messages
