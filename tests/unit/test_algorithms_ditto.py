@@ -166,6 +166,7 @@ def test_personal_state_initialised_from_global_model() -> None:
     w1 = strategy.params.double().numpy()
     ditto_round(alg, strategy, model, clients, [2], 2, states)
     expected, _ = np_local_sgd(w1, clients[2], 0.5, 2, 1, lambda t: 0.5 * (t - w1))
+    assert not np.allclose(w1, 0.0)  # w^1 differs from w^0 = 0, so the start matters
     close(states[2]["personal"], expected)
 
 
@@ -196,4 +197,5 @@ def test_config_validation() -> None:
 def test_client_state_survives_between_rounds(
     runtime: str, state_store: str, tmp_path, monkeypatch
 ) -> None:
-    check_state_survives("ditto", runtime, tmp_path, monkeypatch, state_store)
+    # 5 rounds x 3 clients: every task was recorded and checked
+    assert check_state_survives("ditto", runtime, tmp_path, monkeypatch, state_store) == 15
