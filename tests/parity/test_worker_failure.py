@@ -5,12 +5,8 @@ order aside: see test_workers_parity.py for the tolerance)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
-import time
 
 import psutil
 import torch
@@ -34,28 +30,10 @@ def _params(out):
     return torch.load(out / "checkpoint.pt", weights_only=True)["strategy"]
 
 
-def test_killed_worker_is_named_and_the_run_resumes(tmp_path):
+def test_killed_worker_is_named_and_the_run_resumes(tmp_path, start_run_until_round, resume_run):
     cut = tmp_path / "cut"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "roost",
-        "run",
-        "quickstart",
-        *OVERRIDES,
-        "--out",
-        str(cut),
-        "--quiet",
-    ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_run_until_round(OVERRIDES, cut)
     metrics = cut / "metrics.jsonl"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before a worker could be killed"
     workers = [
         c
         for c in psutil.Process(proc.pid).children(recursive=True)
@@ -77,13 +55,7 @@ def test_killed_worker_is_named_and_the_run_resumes(tmp_path):
     done = len(metrics.read_text().splitlines())
     assert 2 <= done < 6
 
-    resumed = subprocess.run(
-        [sys.executable, "-m", "roost", "run", "--resume", str(cut), "--quiet"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    resumed = resume_run(cut)
     assert resumed.returncode == 0, resumed.stderr
     records = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2, 3, 4, 5, 6]

@@ -1,11 +1,7 @@
 """Checkpoints and --resume: a killed run continues to exactly the uninterrupted result."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -52,7 +48,7 @@ def test_resume_after_an_in_process_crash_matches_the_uninterrupted_run(tmp_path
         assert [r[key] for r in cut] == [r[key] for r in full], key
 
 
-def test_resume_after_sigkill_of_a_real_run(tmp_path):
+def test_resume_after_sigkill_of_a_real_run(tmp_path, start_run_until_round, resume_run):
     """Kill a real `roost run` process mid-run with SIGKILL, then `roost run --resume`."""
     overrides = [
         "rounds=8",
@@ -66,39 +62,14 @@ def test_resume_after_sigkill_of_a_real_run(tmp_path):
     run(cfg, tmp_path / "full")
 
     cut = tmp_path / "cut"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "roost",
-        "run",
-        "quickstart",
-        *overrides,
-        "--out",
-        str(cut),
-        "--quiet",
-    ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    metrics = cut / "metrics.jsonl"
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, "the run ended before it could be killed"
+    proc = start_run_until_round(overrides, cut)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     done = len(_records(cut))
     assert 2 <= done < 8
 
-    resumed = subprocess.run(
-        [sys.executable, "-m", "roost", "run", "--resume", str(cut), "--quiet"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    resumed = resume_run(cut)
     assert resumed.returncode == 0, resumed.stderr
     assert torch.equal(_final_params(cut), _final_params(tmp_path / "full"))
     assert [r["round"] for r in _records(cut)] == list(range(1, 9))
