@@ -108,7 +108,16 @@ class FlatModel:
         return buf
 
     def load_(self, flat: torch.Tensor) -> None:
-        """Overwrite the weights in place with ``flat`` (one contiguous copy)."""
+        """Overwrite the weights in place with ``flat`` (one contiguous copy).
+
+        ``flat`` must not be :attr:`params` itself: client updates keep reading the payload
+        (FedProx's anchor, SCAFFOLD's x) while they train the resident model in place.
+        """
+        if flat.data_ptr() == self.params.data_ptr():
+            raise ValueError(
+                "the payload aliases the resident model; pass the global "
+                "parameters as a separate tensor"
+            )
         self.params.copy_(flat)
 
     def zero_grad_(self) -> None:

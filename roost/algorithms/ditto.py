@@ -105,8 +105,6 @@ class Ditto(Algorithm):
     ) -> UpdateOutput:
         cfg = self.config
         w_global = payload.params
-        if w_global.data_ptr() == model.params.data_ptr():
-            raise ValueError("Ditto needs w^t apart from the resident model it trains")
 
         # (1) the personal model, from v_k (w^t on the client's first task).
         model.load_(state["personal"] if state is not None else w_global)

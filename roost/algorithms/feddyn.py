@@ -135,8 +135,6 @@ class FedDyn(Algorithm):
         state: Tensors | None,
     ) -> UpdateOutput:
         anchor = payload.params
-        if anchor.data_ptr() == model.params.data_ptr():
-            raise ValueError("FedDyn needs θ^{t−1} apart from the resident model it trains")
         alpha = self.config.alpha
         grad_k = state["grad"] if state is not None else None
         diff = model.scratch("feddyn_diff")

@@ -111,8 +111,6 @@ class FedNova(Algorithm):
         state: Tensors | None,
     ) -> UpdateOutput:
         w_global = payload.params
-        if w_global.data_ptr() == model.params.data_ptr():
-            raise ValueError("FedNova needs w^t apart from the resident model it trains")
         res = local_sgd(ctx, model, data, self.config)
         a = fednova_normalizer(res.steps, self.config.momentum)
         # d_k = (w^t − w_k) / a_k, written into the gradient buffer (free after training)

@@ -89,7 +89,5 @@ class FedProx(Algorithm):
         cfg = self.config
         correction = None
         if cfg.mu != 0:
-            if payload.params.data_ptr() == model.params.data_ptr():
-                raise ValueError("FedProx needs w^t apart from the resident model it trains")
             correction = proximal_correction(payload.params, cfg.mu, model.scratch("proximal"))
         return fedavg_update(ctx, model, data, cfg, cfg.weighted, correction)

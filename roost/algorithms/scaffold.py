@@ -162,8 +162,6 @@ class Scaffold(Algorithm):
         state: Tensors | None,
     ) -> UpdateOutput:
         x = payload.params
-        if x.data_ptr() == model.params.data_ptr():
-            raise ValueError("SCAFFOLD needs x apart from the resident model it trains")
         c = payload.extras["control"]
         c_k = state["control"] if state is not None else None
 

@@ -1,5 +1,6 @@
 """The flat parameter layout: views, not copies; gradients accumulate in place."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,3 +53,11 @@ def test_load_is_in_place_and_flatten_round_trips():
     assert flat.params.data_ptr() == ptr
     state = {k: v.clone() for k, v in flat.module.state_dict().items()}
     assert torch.equal(flat.layout.flatten(state), new)
+
+
+def test_loading_the_resident_vector_into_itself_is_refused():
+    # Client updates read the payload (an anchor) while training the model in place, so
+    # a payload that *is* the resident vector would silently become the trained weights.
+    flat = FlatModel(_net())
+    with pytest.raises(ValueError, match="aliases the resident model"):
+        flat.load_(flat.params)
