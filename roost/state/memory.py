@@ -82,9 +82,6 @@ class InMemoryStateStore(ClientStateStore):
         }
 
     def restore(self, checkpoint_state: Mapping[str, Any]) -> None:
-        if "kind" not in checkpoint_state:  # before the format: {client id: state}
-            self._restore_states(checkpoint_state, self._rounds.committed)
-            return
         _check_kind(checkpoint_state, "memory")
         spec = checkpoint_state["spec"]
         if spec is not None:
@@ -127,15 +124,6 @@ class InMemoryStateStore(ClientStateStore):
 
     def __len__(self) -> int:
         return len({*self._committed, *self._pending})
-
-    # ---- deprecated: the pre-commit runner API (remove once the runner uses commit)
-    def state_dict(self) -> dict[int, Tensors]:
-        """Deprecated: the latest state of every client, committed or not."""
-        return dict(self.items())
-
-    def load_state_dict(self, state: Mapping[Any, Any]) -> None:
-        """Deprecated: :meth:`restore` (also accepts the old ``{client id: state}``)."""
-        self.restore(state)
 
 
 # --------------------------------------------------------------------------- on disk

@@ -391,17 +391,6 @@ def test_make_state_store(tmp_path):
     assert not directory.exists()
 
 
-def test_in_memory_store_keeps_the_old_runner_api():
-    store = InMemoryStateStore()  # spec from the first put
-    store.put(2, _state(1.0))
-    legacy = store.state_dict()
-    assert list(legacy) == [2]
-    fresh = InMemoryStateStore()
-    fresh.load_state_dict(legacy)
-    _assert_state(fresh.get(2), 1.0)
-    assert fresh.spec == SPEC
-
-
 # --------------------------------------------------------------------------- memory
 
 
