@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -114,13 +114,6 @@ class InMemoryStateStore(ClientStateStore):
         """Bytes of tensor data held (committed and pending states)."""
         held = [*self._committed.values(), *(s for _, s in self._pending.values())]
         return sum(t.nbytes for state in held for t in state.values())
-
-    def items(self) -> Iterator[tuple[int, Tensors]]:
-        """(client id, latest state) in client order (the stored tensors: do not modify)."""
-        for cid in sorted({*self._committed, *self._pending}):
-            state = self._latest(cid)
-            assert state is not None
-            yield cid, state
 
     def __len__(self) -> int:
         return len({*self._committed, *self._pending})
