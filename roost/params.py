@@ -75,16 +75,20 @@ class ParamLayout:
 class FlatModel:
     """A module whose parameters and gradients are views of two flat float32 buffers.
 
+    The module is moved to ``device`` and the buffers live there; :meth:`load_` accepts a
+    vector on any device (one copy across).
+
     ``params`` and ``grads`` stay the same tensors for the life of the object; every
     per-client operation writes into them in place, so training thousands of clients on
     one ``FlatModel`` allocates nothing per client.
     """
 
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
+    def __init__(self, module: nn.Module, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.module = module.to(self.device)
         self.layout = ParamLayout.of(module)
-        self.params = torch.empty(self.layout.numel, dtype=torch.float32)
-        self.grads = torch.zeros(self.layout.numel, dtype=torch.float32)
+        self.params = torch.empty(self.layout.numel, dtype=torch.float32, device=self.device)
+        self.grads = torch.zeros(self.layout.numel, dtype=torch.float32, device=self.device)
         self._scratch: dict[str, torch.Tensor] = {}
         param_views = self.layout.views(self.params)
         grad_views = self.layout.views(self.grads)
@@ -104,7 +108,9 @@ class FlatModel:
         from the previous user, so initialise it before reading."""
         buf = self._scratch.get(name)
         if buf is None:
-            buf = self._scratch[name] = torch.empty(self.layout.numel, dtype=torch.float32)
+            buf = self._scratch[name] = torch.empty(
+                self.layout.numel, dtype=torch.float32, device=self.device
+            )
         return buf
 
     def load_(self, flat: torch.Tensor) -> None:

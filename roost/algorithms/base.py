@@ -97,6 +97,14 @@ class Payload:
     def nbytes(self) -> int:
         return 4 * (self.params.numel() + sum(t.numel() for t in self.extras.values()))
 
+    def to(self, device: torch.device) -> Payload:
+        """This payload on ``device`` (``self`` when it is already there)."""
+        tensors = [self.params, *self.extras.values()]
+        if all(t.device == device for t in tensors):
+            return self
+        extras = {k: v.to(device) for k, v in self.extras.items()}
+        return Payload(self.params.to(device), self.version, extras)
+
 
 @dataclass
 class ClientResult:
@@ -177,6 +185,16 @@ class Contribution:
         self.weight += other.weight
         self.count += other.count
         self.clients.extend(other.clients)
+
+    def to(self, device: torch.device) -> Contribution:
+        """This sum with its tensors on ``device`` (``self`` when they are already there)."""
+        if all(t.device == device for t in self.sums.values()):
+            return self
+        moved = Contribution()
+        moved.sums = {k: v.to(device) for k, v in self.sums.items()}
+        moved.scalar_sums = dict(self.scalar_sums)
+        moved.weight, moved.count, moved.clients = self.weight, self.count, list(self.clients)
+        return moved
 
     def mean(self, name: str) -> torch.Tensor:
         """The weighted mean ``Σ w_i x_i / Σ w_i`` of tensor ``name``, as float32."""

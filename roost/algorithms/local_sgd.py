@@ -50,7 +50,7 @@ def local_sgd(
     bs = cfg.batch_size
     lr, wd, rho = cfg.lr, cfg.weight_decay, cfg.momentum
     buf = model.scratch("momentum") if rho else None
-    loss_sum = torch.zeros(())
+    loss_sum = torch.zeros((), device=params.device)
     steps = 0
     for _ in range(cfg.local_epochs):
         if cfg.shuffle:

@@ -28,6 +28,12 @@ class ClientData:
     def __len__(self) -> int:
         return len(self.y)
 
+    def to(self, device: torch.device) -> ClientData:
+        """These examples on ``device`` (``self`` when they are already there)."""
+        if self.x.device == device and self.y.device == device:
+            return self
+        return ClientData(self.x.to(device), self.y.to(device))
+
 
 @dataclass(frozen=True)
 class DatasetInfo:

@@ -5,6 +5,11 @@ Parrot pattern on one process: the model and its flat buffers are built once; ea
 loads the payload into them in place, trains, and its result is folded into the group's
 running sum before the next task starts. No per-client model, optimiser or result copy is
 ever kept.
+
+``device`` (see :mod:`roost.runtime.device`) puts the resident model on a GPU: the payload
+moves there once per execute, each client's examples and state once per task, and new
+client state and the round's sums come back to host memory for the strategy and the
+store.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from roost.data.base import ClientData
 from roost.evaluation import evaluate
 from roost.params import FlatModel
 from roost.runtime.base import RUNTIMES, Job, Outcome, Runtime, Task
+from roost.runtime.device import check_device_spec, resolve_device, seed_device_rng, tensors_to
 from roost.state import ClientStateStore
 
 __all__ = ["LocalRuntime", "LocalRuntimeConfig"]
@@ -27,7 +33,13 @@ __all__ = ["LocalRuntime", "LocalRuntimeConfig"]
 
 @dataclass(frozen=True)
 class LocalRuntimeConfig:
-    """The local runtime has no options."""
+    """device: where the model trains: auto (the first GPU if CUDA is available, else
+    the CPU), cpu, cuda or cuda:K."""
+
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_device_spec("device", self.device)
 
 
 def _no_server(request: Any) -> Any:
@@ -38,15 +50,24 @@ def _no_server(request: Any) -> Any:
 
 
 class LocalRuntime(Runtime):
-    def __init__(self, config: LocalRuntimeConfig | None = None) -> None:
+    """``sums_device``: where :meth:`execute` leaves the round's sums (default: host
+    memory, where strategies step; a worker that reduces over NCCL keeps them on its GPU).
+    """
+
+    def __init__(self, config: LocalRuntimeConfig | None = None, sums_device: str = "cpu") -> None:
         self.config = config or LocalRuntimeConfig()
+        self.sums_device = torch.device(sums_device)
+        self.device = torch.device("cpu")
         self._job: Job | None = None
         self._model: FlatModel | None = None
         self._generator = torch.Generator()
 
     def start(self, job: Job) -> None:
         self._job = job
-        self._model = FlatModel(job.build_module())
+        self.device = resolve_device(self.config.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self._model = FlatModel(job.build_module(), self.device)
 
     def use_state_store(self, store: ClientStateStore) -> None:
         """Read and write client state in ``store`` from the next execute on."""
@@ -66,30 +87,33 @@ class LocalRuntime(Runtime):
         job = self._job
         if job is None:
             raise RuntimeError("runtime not started")
-        model = self.model
+        model, device, host = self.model, self.device, torch.device("cpu")
         alg, store = job.algorithm, job.state_store
         stateful = bool(alg.client_state_spec(model.numel))
         wants_test = alg.uses_client_test_data
+        on_device = {v: p.to(device) for v, p in payloads.items()}
         contributions = [Contribution() for _ in range(num_groups)]
         metrics: list[tuple[int, dict[str, float]]] = []
         for task in tasks:
             cid = task.client_id
-            payload = payloads[task.version]
-            data = job.dataset.client_data(cid)
+            payload = on_device[task.version]
+            data = job.dataset.client_data(cid).to(device)
             model.load_(payload.params)
             self._generator.manual_seed(task.seed)
-            # Seeds dropout and other global-RNG users. Not torch.manual_seed: on every
-            # call it queues a CUDA seeding with a captured stack trace (~1 ms a task).
-            torch.default_generator.manual_seed(task.seed)
+            seed_device_rng(device, task.seed)  # dropout and other global-RNG users
             test = job.dataset.client_test_data(cid) if wants_test else None
+            if test is not None:
+                test = test.to(device)
             ctx = ClientContext(cid, task.round, task.seed, len(data), self._generator, test)
             state = store.get(cid) if stateful else None
+            if state is not None:
+                state = tensors_to(state, device)
             out = drive(alg.update(ctx, model, data, payload, state), _no_server)
             if out.state is not None:
-                store.put(cid, out.state)
+                store.put(cid, tensors_to(out.state, host))
             contributions[task.group].fold(out.result, cid)
             metrics.append((cid, out.metrics))
-        return Outcome(contributions, metrics)
+        return Outcome([c.to(self.sums_device) for c in contributions], metrics)
 
     def evaluate(self, params: torch.Tensor, data: ClientData) -> tuple[float, float]:
         model = self.model

@@ -1,19 +1,24 @@
 """The ``workers`` runtime: FedML Parrot's sequential, hierarchical training on N processes.
 
 Rank 0 is the server (the engine's process); ranks 1..N are long-lived workers, joined in
-one ``torch.distributed`` process group (gloo; workers compute on the CPU for now). Each
-round:
+one ``torch.distributed`` process group over gloo. Workers train on the CPU or each on
+its own GPU (``device``; one worker per GPU by default). Each round:
 
 1. the server places the round's tasks on workers with the workload-aware
    :class:`~roost.runtime.schedule.Scheduler` (longest predicted task first, to the worker
-   that would finish it earliest) and broadcasts the placement and the payload (one
-   broadcast of the model per round);
+   that would finish it earliest), broadcasts the placement and sends the payload: to
+   every worker (``star``), or once to worker 1, which broadcasts it over the workers' own
+   group, NCCL on GPUs (``relay``);
 2. every worker trains its clients one after another on its one resident model (it runs
    the ``local`` runtime on its share) and folds their results into local sums;
-3. one reduce brings the workers' sums to the server: per-round traffic is
+3. one reduce brings the workers' sums to the server (``star``), or to worker 1 over the
+   workers' group, which sends the total on (``relay``): per-round traffic is
    O(workers x model), never O(clients x model). A strategy whose rule is not a sum
    (``aggregation = "per_client"``), or several groups per execute, receive per-group
    results by a gather instead.
+
+The server is not in the NCCL group: NCCL refuses two ranks on one GPU, and with one
+worker per GPU the server would have to share one.
 
 Workers rebuild the dataset, model and algorithm from the run's config, which the server
 broadcasts when they join, so nothing large is pickled. Client state is either shipped
@@ -42,11 +47,14 @@ from roost.errors import WorkerFailure
 from roost.evaluation import evaluate
 from roost.params import FlatModel
 from roost.runtime.base import RUNTIMES, Job, Outcome, Runtime, Task
+from roost.runtime.device import available_gpus, default_worker_count, worker_device
 from roost.runtime.schedule import Assignment, Scheduler, round_robin
 from roost.runtime.worker_process import worker_loop
 from roost.runtime.workers_protocol import (
     BACKEND,
+    RELAY_RANK,
     RoundOrder,
+    Transport,
     WorkerReply,
     WorkersRuntimeConfig,
     free_port,
@@ -75,12 +83,14 @@ class WorkersRuntime(Runtime):
         self._job: Job | None = None
         self._eval_model: FlatModel | None = None
         self._round = 0
+        self.transport = Transport("star", "gloo")
 
     # ---- lifecycle
     def start(self, job: Job) -> None:
         cfg = self.config
         self._job = job
         timeout = datetime.timedelta(seconds=cfg.timeout_s)
+        gpus = available_gpus()
         if launched_by_torchrun():
             world = int(os.environ["WORLD_SIZE"])
             if int(os.environ["RANK"]) != 0:
@@ -89,7 +99,8 @@ class WorkersRuntime(Runtime):
                 BACKEND, init_method="env://", rank=0, world_size=world, timeout=timeout
             )
         else:
-            world = cfg.workers + 1
+            world = (cfg.workers or default_worker_count(cfg.device, gpus)) + 1
+            worker_device(cfg.device, 0, gpus)  # the spawned workers' devices exist here
             init_method = f"tcp://127.0.0.1:{free_port()}"
             ctx = torch.multiprocessing.get_context("spawn")
             for rank in range(1, world):
@@ -108,9 +119,22 @@ class WorkersRuntime(Runtime):
         if self.num_workers < 1:
             raise RuntimeError("runtime=workers needs at least one worker process")
         self.scheduler = Scheduler(self.num_workers, cfg.smoothing)
-        setup = {"config": job.config, "store": shared_store_info(job.state_store)}
-        self._guard("joining", {}, lambda: dist.broadcast_object_list([setup], src=0))
-        self._eval_model = FlatModel(job.build_module())
+        workers_use_gpus = cfg.device.startswith("cuda") or (cfg.device == "auto" and gpus > 0)
+        self.transport = Transport.choose(cfg.topology, workers_use_gpus, dist.is_nccl_available())
+        setup = {
+            "config": job.config,
+            "store": shared_store_info(job.state_store),
+            "transport": self.transport,
+        }
+
+        def join() -> None:
+            dist.broadcast_object_list([setup], src=0)
+            if self.transport.topology == "relay":  # every rank takes part in new_group
+                dist.new_group(ranks=list(range(1, world)), backend=self.transport.worker_backend)
+
+        self._guard("joining", {}, join)
+        eval_device = torch.device("cuda", 0) if workers_use_gpus and gpus else torch.device("cpu")
+        self._eval_model = FlatModel(job.build_module(), eval_device)
 
     @property
     def worker_pids(self) -> list[int]:
@@ -156,11 +180,16 @@ class WorkersRuntime(Runtime):
         layout = {v: [(n, t.numel()) for n, t in payload_tensors(p)] for v, p in payloads.items()}
         order = RoundOrder(assignments, layout, num_groups, shipped)
 
+        relay = self.transport.topology == "relay"
+
         def exchange() -> tuple[list[WorkerReply], list[Contribution]]:
             dist.broadcast_object_list([order], src=0)
             for _, payload in sorted(payloads.items()):
                 for _, t in payload_tensors(payload):
-                    dist.broadcast(t.detach().contiguous(), src=0)
+                    if relay:
+                        dist.send(t.detach().contiguous(), dst=RELAY_RANK)
+                    else:
+                        dist.broadcast(t.detach().contiguous(), src=0)
             replies: list[Any] = [None] * (self.num_workers + 1)
             dist.gather_object(None, replies, dst=0)
             worker_replies: list[WorkerReply] = replies[1:]
@@ -188,6 +217,7 @@ class WorkersRuntime(Runtime):
             "worker_busy_s": busy,
             "worker_units": [sum(units[i] for i in idx) for idx in plan.per_worker],
             "worker_peak_rss_mb": [r.peak_rss_mb for r in replies],
+            "worker_devices": [r.device for r in replies],
         }
         return Outcome(contributions, client_metrics, metrics)
 
@@ -199,9 +229,13 @@ class WorkersRuntime(Runtime):
         layout = sorted(names.items())
         dist.broadcast_object_list([layout], src=0)
         total = Contribution()
+        relay = self.transport.topology == "relay"
         for name, numel in layout:
             total.sums[name] = torch.zeros(numel, dtype=torch.float64)
-            dist.reduce(total.sums[name], dst=0, op=dist.ReduceOp.SUM)
+            if relay:  # the workers reduce among themselves; worker 1 sends the total
+                dist.recv(total.sums[name], src=RELAY_RANK)
+            else:
+                dist.reduce(total.sums[name], dst=0, op=dist.ReduceOp.SUM)
         for h in headers:
             for k, v in h.scalar_sums.items():
                 total.scalar_sums[k] = total.scalar_sums.get(k, 0.0) + v

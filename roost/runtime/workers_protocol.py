@@ -15,18 +15,32 @@ import torch
 from roost.algorithms.base import Contribution, Payload
 from roost.registry import check
 from roost.runtime.base import Task
+from roost.runtime.device import check_device_spec
 from roost.state import ClientStateStore
 
 Tensors = dict[str, torch.Tensor]
 
 BACKEND = "gloo"
-"""The process group's backend. Tensors travel through host memory (gloo); GPU
-computation with NCCL transport is not implemented yet."""
+"""The backend of the group of all ranks (server and workers): objects, and tensors in
+host memory. Workers on GPUs also form a group of their own over NCCL (``relay``)."""
+
+RELAY_RANK = 1
+"""The worker that relays between the server and the workers' group (``relay``)."""
 
 
 @dataclass(frozen=True)
 class WorkersRuntimeConfig:
-    """workers: worker processes. timeout_s: the longest a collective
+    """workers: worker processes (0: one per GPU when the workers use GPUs, else 2).
+    device: where each worker trains: auto (GPUs if CUDA is available, else the CPU), cpu,
+    cuda (worker i on GPU i mod #GPUs) or cuda:K (all on GPU K).
+    topology: how the round's model and sums travel. ``star``: the server broadcasts the
+    payload to every worker and the workers' sums are reduced straight to it, all in host
+    memory over gloo. ``relay``: the server sends the payload once to worker 1, which
+    broadcasts it over the workers' own group, and the workers reduce their sums to worker
+    1, which sends the total to the server; that group is NCCL when the workers use GPUs
+    (the server, which has no GPU of its own in it, stays out). ``auto``: relay on GPUs,
+    star on the CPU.
+    timeout_s: the longest a collective
     may wait (a round's compute included) before the run is declared failed.
     threads: torch threads per worker (0: the machine's cores shared evenly).
     smoothing: the scheduler's moving-average weight for measured worker speeds.
@@ -36,7 +50,9 @@ class WorkersRuntimeConfig:
     (``1,2`` makes worker 2 take twice as long): emulates a heterogeneous cluster for
     scheduling experiments. Empty: no slowdown."""
 
-    workers: int = 2
+    workers: int = 0
+    device: str = "auto"
+    topology: Literal["auto", "star", "relay"] = "auto"
     timeout_s: float = 1800.0
     threads: int = 0
     smoothing: float = 0.3
@@ -44,7 +60,8 @@ class WorkersRuntimeConfig:
     slowdown: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
-        check(self.workers >= 1, "workers", self.workers, "must be >= 1")
+        check(self.workers >= 0, "workers", self.workers, "must be >= 1 (0: automatic)")
+        check_device_spec("device", self.device)
         check(self.timeout_s > 0, "timeout_s", self.timeout_s, "must be > 0")
         check(self.threads >= 0, "threads", self.threads, "must be >= 0 (0: automatic)")
         check(0 < self.smoothing <= 1, "smoothing", self.smoothing, "must be in (0, 1]")
@@ -64,6 +81,30 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Transport:
+    """How a run's workers exchange tensors, decided by the server and sent at join.
+
+    ``worker_backend`` is the backend of the workers' own group (relay only): ``nccl``
+    when they compute on GPUs, else ``gloo``. With NCCL the payload buffers and the sums
+    live on each worker's GPU; otherwise in host memory.
+    """
+
+    topology: Literal["star", "relay"]
+    worker_backend: Literal["gloo", "nccl"]
+
+    @staticmethod
+    def choose(topology: str, workers_use_gpus: bool, nccl_available: bool) -> Transport:
+        chosen = topology if topology != "auto" else ("relay" if workers_use_gpus else "star")
+        nccl = chosen == "relay" and workers_use_gpus and nccl_available
+        return Transport("relay" if chosen == "relay" else "star", "nccl" if nccl else "gloo")
+
+    @property
+    def on_device(self) -> bool:
+        """Whether payloads and sums travel between workers in GPU memory."""
+        return self.worker_backend == "nccl"
 
 
 # --------------------------------------------------------------------------- messages
@@ -104,6 +145,7 @@ class WorkerReply:
     busy_s: float
     client_metrics: list[tuple[int, dict[str, float]]]
     peak_rss_mb: float
+    device: str
     header: SumHeader | None = None
     contributions: list[Contribution] = field(default_factory=list)
     new_states: dict[int, Tensors] = field(default_factory=dict)

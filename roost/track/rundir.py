@@ -32,7 +32,10 @@ class RunDir:
 
     # ---- creation and reading
     def create(self, config: dict[str, Any]) -> None:
-        if (self.path / CHECKPOINT).exists() or (self.path / METRICS).exists():
+        """Start a run here. A directory whose run never finished a round (it failed at
+        start: a bad device, a missing data file) holds nothing to lose and is reused."""
+        metrics = self.path / METRICS
+        if (self.path / CHECKPOINT).exists() or (metrics.exists() and metrics.stat().st_size):
             raise RunDirError(
                 f"{self.path} already holds a run; continue it with --resume {self.path} "
                 "or choose another --out"

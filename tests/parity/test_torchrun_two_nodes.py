@@ -3,7 +3,8 @@
 Each node is its own ``torchrun --nnodes=2 --node-rank=K`` launch with 2 processes, as it
 would be on two machines: global rank 0 (node 0) is the server and writes the run
 directory, ranks 1-3 are workers. The run must match the local runtime (see
-test_workers_parity.py for the tolerance).
+test_workers_parity.py for the tolerance), in both topologies: ``relay`` makes the
+workers' own group span the two nodes, as NCCL's does on a GPU cluster.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from roost.config import apply_overrides, load_config_source, resolve
@@ -27,7 +29,8 @@ def _port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_two_node_torchrun_matches_local(tmp_path):
+@pytest.mark.parametrize("topology", ["star", "relay"])
+def test_two_node_torchrun_matches_local(tmp_path, topology):
     port = _port()
     out = tmp_path / "cluster"
     nodes = []
@@ -47,6 +50,7 @@ def test_two_node_torchrun_matches_local(tmp_path):
             "quickstart",
             *OVERRIDES,
             "runtime=workers",
+            f"runtime.topology={topology}",
             "--out",
             str(out),
             "--quiet",

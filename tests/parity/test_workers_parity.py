@@ -7,15 +7,22 @@ means agree except at rare rounding ties, a few ulps; we allow rtol 1e-5, atol 1
 final parameters, and test-set accuracies within one example. SCAFFOLD also carries client
 state, shipped with the tasks (memory store) or read by the workers from the shared file
 (disk store).
+
+Both topologies are checked: ``star`` (the CPU default: server <-> every worker) and
+``relay`` (the GPU default: payload and sums pass through worker 1 and the workers' own
+group, here gloo on the CPU, NCCL on GPUs).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
 from roost.config import apply_overrides, load_config_source, resolve
 from roost.runner import run
+from roost.runtime.device import worker_device
 
 BASE = ["clients=24", "clients_per_round=7", "rounds=3", "model.hidden=16", "eval_every=1"]
 
@@ -35,11 +42,33 @@ def test_workers_match_local(tmp_path, algorithm, state_store):
     common = [f"algorithm={algorithm}", f"state_store={state_store}"]
     local_h, local_p = _final(tmp_path, "local", common)
     test_examples = 360  # digits: 1,797 examples, 20% held out, stratified
-    for n in (2, 3):
-        h, p = _final(tmp_path, f"w{n}", [*common, "runtime=workers", f"workers={n}"])
+    for n, topology in ((2, "star"), (3, "star"), (3, "relay")):
+        workers = ["runtime=workers", f"workers={n}", f"runtime.topology={topology}"]
+        h, p = _final(tmp_path, f"w{n}{topology}", [*common, *workers])
         torch.testing.assert_close(p, local_p, rtol=1e-5, atol=1e-6)
         for a, b in zip(h.records, local_h.records, strict=True):
             assert a["clients"] == b["clients"]
             assert a["virtual_time_s"] == b["virtual_time_s"]
             assert abs(a["accuracy"] - b["accuracy"]) <= 1 / test_examples
         assert len(h.final["worker_busy_s"]) == n
+        # device=auto: the CPU here; one GPU each (mod #GPUs) on a machine with CUDA.
+        assert h.final["worker_devices"] == [str(worker_device("auto", s)) for s in range(n)]
+
+
+def test_per_client_strategy_gets_the_same_results_over_workers(tmp_path):
+    """A coordinate-wise median (tests/parity/median_plugin.py) needs every client's own
+    model: they are gathered whole from the workers, not reduced. The median of the same
+    vectors does not depend on how they were grouped; what remains is the last-bit noise
+    of training the same client with another number of torch threads (workers get one
+    core each), within the tolerance above."""
+    plugin = str(Path(__file__).with_name("median_plugin.py"))
+    common = [f"imports={plugin}", "algorithm=test_median"]
+    local_h, local_p = _final(tmp_path, "local", common)
+    assert local_h.records[-1]["clients_in_median"] == 7.0
+    for n, topology in ((2, "star"), (3, "relay")):
+        workers = ["runtime=workers", f"workers={n}", f"runtime.topology={topology}"]
+        h, p = _final(tmp_path, f"w{n}{topology}", [*common, *workers])
+        torch.testing.assert_close(p, local_p, rtol=1e-5, atol=1e-6)
+        for a, b in zip(h.records, local_h.records, strict=True):
+            assert a["clients_in_median"] == b["clients_in_median"] == 7.0
+            assert abs(a["accuracy"] - b["accuracy"]) <= 1 / 360

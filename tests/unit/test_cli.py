@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from roost.cli import main
 
@@ -43,6 +44,7 @@ def test_run_writes_config_metrics_and_summary(tmp_path, capsys):
             "roost: error: algorithm.mu=abc: expected a number",
         ),
         (["data.path=/nonexistent"], "roost: error: data.path=/nonexistent"),
+        (["runtime.device=gpu"], "roost: error: runtime.device=gpu: must be auto, cpu, cuda"),
     ],
 )
 def test_bad_keys_and_values_exit_2_with_one_line(tmp_path, capsys, args, expected):
@@ -60,6 +62,20 @@ def test_existing_run_directory_is_not_overwritten(tmp_path, capsys):
     assert main(["run", *SMALL, "--out", str(out)]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (out / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine with no GPU")
+@pytest.mark.parametrize("runtime", ["local", "workers"])
+def test_gpu_asked_on_a_machine_without_one_fails_at_start(tmp_path, capsys, runtime):
+    out = tmp_path / "run"
+    code = main(["run", *SMALL, f"runtime={runtime}", "runtime.device=cuda", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    expected = "runtime.device=cuda: no CUDA GPU is visible here; use device=cpu or auto"
+    assert err == f"roost: error: {expected}\n"
+    # The run never finished a round: its directory is reused once the device is fixed.
+    assert main(["run", *SMALL, f"runtime={runtime}", "runtime.device=cpu", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["runtime"]["device"] == "cpu"
 
 
 def test_plot_writes_png_for_several_runs(tmp_path):
