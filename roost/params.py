@@ -119,7 +119,7 @@ class FlatModel:
         ``flat`` must not be :attr:`params` itself: client updates keep reading the payload
         (FedProx's anchor, SCAFFOLD's x) while they train the resident model in place.
         """
-        if flat.data_ptr() == self.params.data_ptr():
+        if flat.device == self.params.device and flat.data_ptr() == self.params.data_ptr():
             raise ValueError(
                 "the payload aliases the resident model; pass the global "
                 "parameters as a separate tensor"

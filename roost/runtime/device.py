@@ -124,4 +124,7 @@ def seed_device_rng(device: torch.device, seed: int) -> None:
     """
     torch.default_generator.manual_seed(seed)
     if device.type == "cuda":
-        torch.cuda.default_generators[device.index or 0].manual_seed(seed)
+        if not torch.cuda.is_initialized():
+            torch.cuda.init()  # fills torch.cuda.default_generators
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.default_generators[index].manual_seed(seed)
