@@ -45,6 +45,7 @@ class _Checkpointer:
                 "virtual_time_s": record["virtual_time_s"],
                 "wall_time_s": record["wall_time_s"],
                 "strategy": self.engine.strategy.state_dict(),
+                "runtime": self.engine.runtime.state_dict(),
                 "client_state": self.store.checkpoint_state(),
             }
         )
@@ -146,6 +147,8 @@ def _execute(
         engine.callbacks.append(ProgressBar(rc.rounds))
     runtime.start(Job(algorithm, dataset, parts.build_module, store, cfg.to_dict()))
     try:
+        if checkpoint is not None:
+            runtime.load_state_dict(checkpoint.get("runtime", {}))
         if start_round <= rc.rounds:
             engine.run(start_round, history)
     finally:

@@ -91,5 +91,13 @@ class Runtime:
     def close(self) -> None:
         """Release processes and memory; safe to call twice."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the runtime has learned that a resumed run should keep (e.g. worker
+        speeds); saved in every checkpoint. Empty for runtimes that learn nothing."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` after :meth:`start`; never changes results."""
+
 
 RUNTIMES: Registry[Callable[[Any], Runtime]] = Registry("runtime")

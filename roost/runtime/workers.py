@@ -293,7 +293,17 @@ class WorkersRuntime(Runtime):
         return evaluate(model.module, data)
 
     def state_dict(self) -> dict[str, Any]:
+        """The scheduler's learned worker speeds."""
         return {"scheduler": self.scheduler.state_dict() if self.scheduler else {}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore learned speeds when the run resumes on as many workers as it had; on
+        another number (a torchrun relaunch of another size) they are learned anew."""
+        saved = state.get("scheduler") or {}
+        if self.scheduler is None:
+            raise RuntimeError("runtime not started")
+        if saved and int(saved["num_workers"]) == self.scheduler.num_workers:
+            self.scheduler.load_state_dict(saved)
 
 
 RUNTIMES.register("workers", WorkersRuntimeConfig, "N worker processes, many clients each")(

@@ -65,3 +65,8 @@ def test_killed_worker_is_named_and_the_run_resumes(tmp_path, start_run_until_ro
     a, b = _params(cut), _params(tmp_path / "full")
     torch.testing.assert_close(a["params"], b["params"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a["control"], b["control"], rtol=1e-5, atol=1e-6)
+    # The scheduler's learned speeds came through the checkpoint: each worker has one
+    # observation per round of the whole run (both get tasks every round: 10 clients on
+    # 2 workers), not only of the rounds after the resume.
+    scheduler = torch.load(cut / "checkpoint.pt", weights_only=True)["runtime"]["scheduler"]
+    assert scheduler["observations"] == [6, 6]
