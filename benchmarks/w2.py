@@ -11,14 +11,17 @@ on 2 workers at 1,000 clients, and within 10% of that at 10,000 and 100,000.
 Part 2: W1 (FedAvg, 1000 clients, 100 per round, 5 rounds) on ``runtime=workers
 workers=2`` against the compute floor (``benchmarks/w1_floor.py``), interleaved, wall
 from process start to the final accuracy line and peak RSS (summed over processes for
-Roost).
+Roost), for each ``--w1-topologies`` value (``star``, the CPU default; ``relay``, the
+GPU default, here over gloo: its cost on the CPU is one more hop for the model and sums).
 
     python benchmarks/w2.py --reps 3
+    python benchmarks/w2.py --reps 3 --clients '' --w1-topologies star,relay
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -64,15 +67,18 @@ def w2_once(clients: int, total_examples: int) -> dict[str, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description="W2 memory at scale; W1 on 2 workers vs floor")
     p.add_argument("--reps", type=int, default=3, help="repetitions of the W1 comparison")
-    p.add_argument("--clients", default="1000,10000,100000")
+    p.add_argument("--clients", default="1000,10000,100000", help="W2 sizes ('' to skip)")
     p.add_argument("--w1-models", default="mlp,cnn")
+    p.add_argument(
+        "--w1-topologies", default="star", help="runtime.topology values for W1, e.g. star,relay"
+    )
     args = p.parse_args()
 
     from roost.data.synthetic_w1 import W1Dataset
 
     total = int(W1Dataset(1000, 0).sizes.sum())
     w2 = []
-    for clients in [int(c) for c in args.clients.split(",")]:
+    for clients in [int(c) for c in args.clients.split(",") if c]:
         r = w2_once(clients, total)
         w2.append(r)
         print(
@@ -83,15 +89,17 @@ def main() -> None:
             + f"  wall {r['wall_s']:.1f}s",
             flush=True,
         )
-    base = w2[0]["rss_total_mb"]
     for r in w2:
-        r["vs_first"] = r["rss_total_mb"] / base
+        r["vs_first"] = r["rss_total_mb"] / w2[0]["rss_total_mb"]
 
     w1 = {}
-    for model in args.w1_models.split(","):
-        r = w1[model] = compare(model, args.reps, "runtime=workers", "workers=2")
+    for model, topology in itertools.product(
+        args.w1_models.split(","), args.w1_topologies.split(",")
+    ):
+        workers = ("runtime=workers", "workers=2", f"runtime.topology={topology}")
+        r = w1[f"{model}/{topology}"] = compare(model, args.reps, *workers)
         print(
-            f"W1 {model} workers=2: wall {r['roost_wall_s']:.2f}s vs floor "
+            f"W1 {model} workers=2 {topology}: wall {r['roost_wall_s']:.2f}s vs floor "
             f"{r['floor_wall_s']:.2f}s = {r['wall_ratio']:.3f}x; RSS (all processes) "
             f"{r['roost_rss_mb']:.0f} MB vs {r['floor_rss_mb']:.0f} MB = {r['rss_ratio']:.2f}x",
             flush=True,
