@@ -44,13 +44,13 @@ def test_local_runtime_on_gpu_matches_cpu(tmp_path, algorithm):
 
 @pytest.mark.parametrize(("algorithm", "state_store"), [("fedavg", "memory"), ("scaffold", "disk")])
 def test_one_worker_per_gpu_over_nccl_matches_local_gpu(tmp_path, algorithm, state_store):
-    common = [f"algorithm={algorithm}", f"state_store={state_store}", "runtime.device=cuda"]
-    local_h, local_p = _final(tmp_path, "local", common)
+    common = [f"algorithm={algorithm}", f"state_store={state_store}"]
+    local_h, local_p = _final(tmp_path, "local", [*common, "runtime.device=cuda"])
     gpus = torch.cuda.device_count()
     for topology in ("relay", "star"):
-        h, p = _final(
-            tmp_path, topology, [*common, "runtime=workers", f"runtime.topology={topology}"]
-        )
+        # runtime=workers first: selecting a component drops its earlier parameters.
+        workers = ["runtime=workers", "runtime.device=cuda", f"runtime.topology={topology}"]
+        h, p = _final(tmp_path, topology, [*common, *workers])
         assert h.final["worker_devices"] == [f"cuda:{i}" for i in range(gpus)]
         torch.testing.assert_close(p, local_p, rtol=1e-5, atol=1e-6)
         for a, b in zip(h.records, local_h.records, strict=True):
