@@ -34,7 +34,6 @@ __all__ = [
     "resolve_device",
     "seed_device_rng",
     "tensors_to",
-    "worker_device",
     "worker_slot_on_node",
 ]
 
@@ -65,22 +64,12 @@ def _gpu_or_error(key: str, spec: str, index: int, gpus: int) -> torch.device:
     return torch.device("cuda", index)
 
 
-def resolve_device(spec: str, gpus: int | None = None, key: str = "runtime.device") -> torch.device:
-    """The device of a single-process runtime (or of a server's evaluation model)."""
-    check_device_spec(key, spec)
-    gpus = available_gpus() if gpus is None else gpus
-    if spec == "cpu" or (spec == "auto" and gpus == 0):
-        return torch.device("cpu")
-    if spec in ("auto", "cuda"):
-        return _gpu_or_error(key, spec, 0, gpus)
-    return _gpu_or_error(key, spec, int(spec.split(":")[1]), gpus)
-
-
-def worker_device(
-    spec: str, slot: int, gpus: int | None = None, key: str = "runtime.device"
+def resolve_device(
+    spec: str, slot: int = 0, gpus: int | None = None, key: str = "runtime.device"
 ) -> torch.device:
-    """The device of the worker in ``slot`` (0-based among the workers on its machine):
-    GPU ``slot mod #GPUs`` for ``auto``/``cuda``, so that N workers on N GPUs take one each."""
+    """The device of the process in ``slot`` (0-based among the workers on its machine; a
+    single-process runtime is slot 0): GPU ``slot mod #GPUs`` for ``auto`` and ``cuda``,
+    so that N workers on N GPUs take one each; GPU K for ``cuda:K``."""
     check_device_spec(key, spec)
     gpus = available_gpus() if gpus is None else gpus
     if spec == "cpu" or (spec == "auto" and gpus == 0):

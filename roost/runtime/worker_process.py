@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from roost.algorithms.base import Payload
 from roost.runtime.base import Job, Outcome
-from roost.runtime.device import worker_device, worker_slot_on_node
+from roost.runtime.device import resolve_device, worker_slot_on_node
 from roost.runtime.workers_protocol import (
     BACKEND,
     RELAY_RANK,
@@ -44,7 +44,7 @@ def worker_loop(rank: int, world_size: int, init_method: str, cfg: WorkersRuntim
     slot = rank - 1
     if launched_by_torchrun():
         slot = worker_slot_on_node(rank, int(os.environ.get("LOCAL_RANK", rank)))
-    device = worker_device(cfg.device, slot)  # before joining: a bad device fails fast
+    device = resolve_device(cfg.device, slot)  # before joining: a bad device fails fast
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL binds each rank to its current device
     dist.init_process_group(

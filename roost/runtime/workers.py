@@ -47,7 +47,7 @@ from roost.errors import WorkerFailure
 from roost.evaluation import evaluate
 from roost.params import FlatModel
 from roost.runtime.base import RUNTIMES, Job, Outcome, Runtime, Task
-from roost.runtime.device import available_gpus, default_worker_count, worker_device
+from roost.runtime.device import available_gpus, default_worker_count, resolve_device
 from roost.runtime.schedule import Assignment, Scheduler, round_robin
 from roost.runtime.worker_process import worker_loop
 from roost.runtime.workers_protocol import (
@@ -100,7 +100,7 @@ class WorkersRuntime(Runtime):
             )
         else:
             world = (cfg.workers or default_worker_count(cfg.device, gpus)) + 1
-            worker_device(cfg.device, 0, gpus)  # the spawned workers' devices exist here
+            resolve_device(cfg.device, 0, gpus)  # the spawned workers' devices exist here
             init_method = f"tcp://127.0.0.1:{free_port()}"
             ctx = torch.multiprocessing.get_context("spawn")
             for rank in range(1, world):

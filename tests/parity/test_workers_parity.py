@@ -22,7 +22,7 @@ import torch
 
 from roost.config import apply_overrides, load_config_source, resolve
 from roost.runner import run
-from roost.runtime.device import worker_device
+from roost.runtime.device import resolve_device
 
 BASE = ["clients=24", "clients_per_round=7", "rounds=3", "model.hidden=16", "eval_every=1"]
 
@@ -52,7 +52,7 @@ def test_workers_match_local(tmp_path, algorithm, state_store):
             assert abs(a["accuracy"] - b["accuracy"]) <= 1 / test_examples
         assert len(h.final["worker_busy_s"]) == n
         # device=auto: the CPU here; one GPU each (mod #GPUs) on a machine with CUDA.
-        assert h.final["worker_devices"] == [str(worker_device("auto", s)) for s in range(n)]
+        assert h.final["worker_devices"] == [str(resolve_device("auto", s)) for s in range(n)]
 
 
 def test_per_client_strategy_gets_the_same_results_over_workers(tmp_path):

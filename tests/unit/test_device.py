@@ -15,7 +15,6 @@ from roost.runtime.device import (
     default_worker_count,
     resolve_device,
     tensors_to,
-    worker_device,
     worker_slot_on_node,
 )
 from roost.runtime.local import LocalRuntimeConfig
@@ -35,7 +34,7 @@ CPU = torch.device("cpu")
     ],
 )
 def test_single_process_device(spec, gpus, expected):
-    assert resolve_device(spec, gpus) == torch.device(expected)
+    assert resolve_device(spec, gpus=gpus) == torch.device(expected)
 
 
 @pytest.mark.parametrize(
@@ -49,7 +48,7 @@ def test_single_process_device(spec, gpus, expected):
 )
 def test_unusable_devices_are_config_errors_naming_the_key(spec, gpus, message):
     with pytest.raises(ConfigError) as e:
-        resolve_device(spec, gpus)
+        resolve_device(spec, gpus=gpus)
     assert e.value.key == "runtime.device"
     assert message in str(e.value)
 
@@ -63,12 +62,12 @@ def test_malformed_device_is_rejected_when_the_config_is_built():
 
 def test_workers_take_one_gpu_each_and_wrap_around():
     # 3 GPUs, 5 workers: slots 0..4 -> GPUs 0,1,2,0,1.
-    assert [worker_device("auto", s, 3).index for s in range(5)] == [0, 1, 2, 0, 1]
-    assert [worker_device("cuda", s, 2).index for s in range(3)] == [0, 1, 0]
+    assert [resolve_device("auto", s, 3).index for s in range(5)] == [0, 1, 2, 0, 1]
+    assert [resolve_device("cuda", s, 2).index for s in range(3)] == [0, 1, 0]
     # cuda:K pins every worker to GPU K; cpu and auto-without-GPU stay on the CPU.
-    assert {worker_device("cuda:1", s, 2).index for s in range(4)} == {1}
-    assert worker_device("auto", 3, 0) == CPU
-    assert worker_device("cpu", 3, 8) == CPU
+    assert {resolve_device("cuda:1", s, 2).index for s in range(4)} == {1}
+    assert resolve_device("auto", 3, 0) == CPU
+    assert resolve_device("cpu", 3, 8) == CPU
 
 
 def test_torchrun_slots_skip_the_server_on_its_node():
