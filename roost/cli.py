@@ -1,7 +1,7 @@
 """The ``roost`` command line.
 
     roost run PRESET_OR_FILE [KEY=VALUE ...] [--out DIR]
-    roost run --resume DIR
+    roost run --resume DIR [runtime=... runtime.FIELD=... workers=N threads=N]
     roost plot DIR [DIR ...] [--out FILE]
     roost list [KIND]
 
@@ -34,7 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument("items", nargs="*", metavar="PRESET_OR_FILE [KEY=VALUE ...]")
     r.add_argument("--out", help="run directory (default: runs/NAME-TIMESTAMP)")
-    r.add_argument("--resume", metavar="DIR", help="continue the run kept in DIR")
+    r.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run kept in DIR (KEY=VALUE may then change only runtime, "
+        "runtime.FIELD, workers and threads)",
+    )
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     pl = sub.add_parser("plot", help="plot accuracy curves of one or more runs")
     pl.add_argument("dirs", nargs="+", metavar="DIR")
@@ -61,7 +66,7 @@ def _torchrun_worker(args: argparse.Namespace) -> int:
     cfg = WorkersRuntimeConfig()
     try:  # the same options rank 0 uses, where this node can read them
         tree = (
-            RunDir(args.resume).read_config()
+            apply_overrides(RunDir(args.resume).read_config(), args.items)
             if args.resume
             else apply_overrides(load_config_source(args.items[0]), args.items[1:])
         )
@@ -83,12 +88,15 @@ def _run(args: argparse.Namespace) -> int:
         return _torchrun_worker(args)
     progress = not args.quiet
     if args.resume:
-        if args.items or args.out:
+        not_overrides = [item for item in args.items if "=" not in item]
+        if not_overrides or args.out:
+            shown = f"{not_overrides[0]!r}" if not_overrides else "--out"
             return _fail(
-                "--resume DIR takes no preset, overrides or --out: "
-                "the run continues with the config saved in DIR"
+                f"--resume DIR takes no preset or --out (got {shown}): the run continues "
+                "with the config saved in DIR; KEY=VALUE may change runtime, "
+                "runtime.FIELD, workers or threads"
             )
-        history = resume(args.resume, progress=progress)
+        history = resume(args.resume, overrides=args.items, progress=progress)
         out = Path(args.resume)
     else:
         if not args.items:

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from roost.build import build_parts, initial_params
-from roost.config import ResolvedConfig, resolve
+from roost.config import ResolvedConfig, apply_overrides, resolve
 from roost.engine import Callback, Engine, History
+from roost.registry import ConfigError
 from roost.runtime.base import RUNTIMES, Job
 from roost.state import ClientStateStore, make_state_store
 from roost.system import build_system
@@ -75,13 +76,39 @@ def run(
     return _execute(cfg, rundir, None, progress, callbacks)
 
 
+RESUME_KEYS = ("runtime", "workers", "threads")
+"""What ``--resume`` may change: how the run computes, never what it computes."""
+
+
 def resume(
-    out: str | Path, *, progress: bool = False, callbacks: Sequence[Callback] = ()
+    out: str | Path,
+    *,
+    overrides: Sequence[str] = (),
+    progress: bool = False,
+    callbacks: Sequence[Callback] = (),
 ) -> History:
-    """Continue the run kept in ``out`` from its last checkpoint."""
+    """Continue the run kept in ``out`` from its last checkpoint.
+
+    ``overrides`` (``KEY=VALUE``, keys under :data:`RESUME_KEYS`) change how the rest of
+    the run computes: another runtime, device or number of workers, e.g. a run started on
+    GPUs continued on a laptop with ``runtime.device=cpu``. The run directory's
+    ``config.json`` is rewritten with them, so later resumes keep them.
+    """
     rundir = RunDir(out)
-    cfg = resolve(rundir.read_config())
+    tree = rundir.read_config()
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key.partition(".")[0] not in RESUME_KEYS:
+            raise ConfigError(
+                key,
+                item.partition("=")[2],
+                "cannot change on --resume: the checkpoint fixes what the run computes; "
+                "only how it computes may change (runtime, runtime.FIELD, workers, threads)",
+            )
+    cfg = resolve(apply_overrides(tree, overrides))
     checkpoint = rundir.load_checkpoint()
+    if overrides:
+        rundir.write_config(cfg.to_dict())
     return _execute(cfg, rundir, checkpoint, progress, callbacks)
 
 
@@ -145,11 +172,11 @@ def _execute(
         engine.callbacks.append(_Checkpointer(rundir, engine, store))
     if progress:
         engine.callbacks.append(ProgressBar(rc.rounds))
-    runtime.start(Job(algorithm, dataset, parts.build_module, store, cfg.to_dict()))
     try:
-        if checkpoint is not None:
-            runtime.load_state_dict(checkpoint.get("runtime", {}))
-        if start_round <= rc.rounds:
+        if start_round <= rc.rounds:  # a finished run resumed starts no processes
+            runtime.start(Job(algorithm, dataset, parts.build_module, store, cfg.to_dict()))
+            if checkpoint is not None:
+                runtime.load_state_dict(checkpoint.get("runtime", {}))
             engine.run(start_round, history)
     finally:
         runtime.close()

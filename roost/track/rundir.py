@@ -44,6 +44,10 @@ class RunDir:
         atomic_write_json(self.path / CONFIG, config)
         atomic_write_text(self.path / METRICS, "")
 
+    def write_config(self, config: dict[str, Any]) -> None:
+        """Replace ``config.json`` (atomically: a crash leaves the old or the new one)."""
+        atomic_write_json(self.path / CONFIG, config)
+
     def read_config(self) -> dict[str, Any]:
         f = self.path / CONFIG
         if not f.exists():

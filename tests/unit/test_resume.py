@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from roost.cli import main
 from roost.config import apply_overrides, load_config_source, resolve
+from roost.registry import ConfigError
 from roost.runner import resume, run
 
 # Small enough to be quick, stateful enough to matter: FedAdam keeps server moments that a
@@ -83,3 +85,56 @@ def test_resume_of_a_missing_directory_fails_clearly(tmp_path):
 
     with pytest.raises(RunDirError, match=r"config\.json is missing"):
         resume(tmp_path / "nothing")
+
+
+def _crash_after_round_2(record):
+    if record["round"] == 2:
+        raise Crash
+    return False, {}
+
+
+def test_resume_may_move_the_run_to_worker_processes(tmp_path):
+    """A run started on the local runtime continues on 2 workers (``--resume DIR
+    runtime=workers workers=2``): SCAFFOLD's client controls (memory store) and server
+    state come from the checkpoint, so the final model is the uninterrupted local run's up
+    to float summation order (tolerance of tests/parity/test_workers_parity.py)."""
+    overrides = [*OVERRIDES[:3], "algorithm=scaffold"]
+    cfg = resolve(apply_overrides(load_config_source("quickstart"), overrides))
+    run(cfg, tmp_path / "full")
+    with pytest.raises(Crash):
+        run(cfg, tmp_path / "cut", callbacks=[_crash_after_round_2])
+
+    resume(tmp_path / "cut", overrides=["runtime=workers", "workers=2"])
+    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["strategy"]
+    cut = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["strategy"]
+    for key in ("params", "control"):
+        torch.testing.assert_close(cut[key], full[key], rtol=1e-5, atol=1e-6)
+    records = _records(tmp_path / "cut")
+    assert [r["round"] for r in records] == [1, 2, 3, 4]
+    assert ["worker_busy_s" in r for r in records] == [False, True, True, True]
+    saved = json.loads((tmp_path / "cut" / "config.json").read_text())
+    assert saved["runtime"]["name"] == "workers" and saved["runtime"]["workers"] == 2
+
+
+@pytest.mark.parametrize("override", ["rounds=10", "algorithm.lr=0.5", "seed=3", "model=cnn"])
+def test_resume_refuses_to_change_what_the_run_computes(tmp_path, override):
+    cfg = resolve(apply_overrides(load_config_source("quickstart"), OVERRIDES))
+    with pytest.raises(Crash):
+        run(cfg, tmp_path / "cut", callbacks=[_crash_after_round_2])
+    before = (tmp_path / "cut" / "config.json").read_bytes()
+    key = override.partition("=")[0]
+    with pytest.raises(ConfigError, match="cannot change on --resume") as e:
+        resume(tmp_path / "cut", overrides=[override])
+    assert e.value.key == key
+    assert (tmp_path / "cut" / "config.json").read_bytes() == before
+
+
+def test_cli_resume_takes_overrides_but_no_preset(tmp_path, capsys):
+    cfg = resolve(apply_overrides(load_config_source("quickstart"), OVERRIDES))
+    with pytest.raises(Crash):
+        run(cfg, tmp_path / "cut", callbacks=[_crash_after_round_2])
+    assert main(["run", "--resume", str(tmp_path / "cut"), "quickstart", "--quiet"]) == 2
+    assert "--resume DIR takes no preset or --out (got 'quickstart')" in capsys.readouterr().err
+    assert main(["run", "--resume", str(tmp_path / "cut"), "threads=1", "--quiet"]) == 0
+    assert [r["round"] for r in _records(tmp_path / "cut")] == [1, 2, 3, 4]
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())["threads"] == 1
