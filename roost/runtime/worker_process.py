@@ -35,18 +35,18 @@ __all__ = ["worker_loop"]
 
 def worker_loop(rank: int, world_size: int, init_method: str, cfg: WorkersRuntimeConfig) -> None:
     """A worker's life: join, receive the run config, then execute rounds until told to
-    stop. Called in spawned processes and, under torchrun, by ranks >= 1."""
+    stop. Called in spawned processes and, under torchrun, by ranks >= 1.
+
+    ``cfg`` is this process's own reading of the runtime options, used only for the join
+    timeout: everything else (device, threads, slowdown) comes from the server's options,
+    sent at join, so that a torchrun node that cannot read the run's config file still
+    computes as the server asked.
+    """
     from roost.build import build_parts
     from roost.config import resolve
     from roost.runtime.local import LocalRuntime, LocalRuntimeConfig
 
     use_mmap_for_large_allocations()
-    slot = rank - 1
-    if launched_by_torchrun():
-        slot = worker_slot_on_node(rank, int(os.environ.get("LOCAL_RANK", rank)))
-    device = resolve_device(cfg.device, slot)  # before joining: a bad device fails fast
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # NCCL binds each rank to its current device
     dist.init_process_group(
         BACKEND,
         init_method=init_method,
@@ -58,6 +58,15 @@ def worker_loop(rank: int, world_size: int, init_method: str, cfg: WorkersRuntim
         (setup,) = _recv_object()
         transport: Transport = setup["transport"]
         relay = _join_worker_group(world_size, transport)
+        # After every collective of the join: a worker that fails from here on (a GPU
+        # index this node lacks) is seen by the server at once, as a dead worker.
+        cfg = setup["runtime"]
+        slot = rank - 1
+        if launched_by_torchrun():
+            slot = worker_slot_on_node(rank, int(os.environ.get("LOCAL_RANK", rank)))
+        device = resolve_device(cfg.device, slot)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL binds each rank to its current device
         buffer_device = device if transport.on_device else torch.device("cpu")
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // max(1, world_size - 1))
         torch.set_num_threads(threads)

@@ -125,6 +125,7 @@ class WorkersRuntime(Runtime):
             "config": job.config,
             "store": shared_store_info(job.state_store),
             "transport": self.transport,
+            "runtime": cfg,
         }
 
         def join() -> None:
