@@ -46,6 +46,7 @@ from roost.data.base import ClientData
 from roost.errors import WorkerFailure
 from roost.evaluation import evaluate
 from roost.params import FlatModel
+from roost.registry import ConfigError
 from roost.runtime.base import RUNTIMES, Job, Outcome, Runtime, Task
 from roost.runtime.device import available_gpus, default_worker_count, resolve_device
 from roost.runtime.schedule import Assignment, Scheduler, round_robin
@@ -95,6 +96,13 @@ class WorkersRuntime(Runtime):
             world = int(os.environ["WORLD_SIZE"])
             if int(os.environ["RANK"]) != 0:
                 raise RuntimeError("WorkersRuntime.start runs on rank 0 only")
+            if cfg.workers and cfg.workers != world - 1:
+                raise ConfigError(
+                    "runtime.workers",
+                    cfg.workers,
+                    f"torchrun launched {world} processes, so there are {world - 1} workers "
+                    "(every rank but the server); leave workers unset under torchrun",
+                )
             dist.init_process_group(
                 BACKEND, init_method="env://", rank=0, world_size=world, timeout=timeout
             )

@@ -1,5 +1,5 @@
-"""Device choice: which device a runtime and each worker take, and the moves at task
-boundaries. The GPU count is passed in, so every rule is checked on a machine without one;
+"""Device choice and worker counts: which device a runtime and each worker take, how many
+workers there are, and the moves at task boundaries. The GPU count is passed in, so every rule is checked on a machine without one;
 tests/parity/test_cuda.py runs the same code on real GPUs where there are some."""
 
 from __future__ import annotations
@@ -137,3 +137,13 @@ def test_flat_model_buffers_and_module_live_on_its_device():
     assert flat.device == torch.device("meta")
     assert flat.params.device == flat.grads.device == flat.scratch("m").device == flat.device
     assert all(p.device == flat.device for p in flat.module.parameters())
+
+
+def test_workers_set_against_torchrun_world_size_is_a_config_error(monkeypatch):
+    from roost.runtime.workers import WorkersRuntime
+
+    # What torchrun sets on rank 0 of 3 processes: 1 server + 2 workers.
+    for k, v in {"RANK": "0", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError, match="torchrun launched 3 processes, so there are 2"):
+        WorkersRuntime(WorkersRuntimeConfig(workers=4)).start(None)  # type: ignore[arg-type]
