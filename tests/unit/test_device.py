@@ -1,6 +1,7 @@
-"""Device choice and worker counts: which device a runtime and each worker take, how many
-workers there are, and the moves at task boundaries. The GPU count is passed in, so every rule is checked on a machine without one;
-tests/parity/test_cuda.py runs the same code on real GPUs where there are some."""
+"""Device choice and worker counts: which device a runtime and each worker take, how
+many workers there are, and the moves at task boundaries. The GPU count is passed in, so
+every rule is checked on a machine without one; tests/parity/test_cuda.py runs the same
+code on real GPUs where there are some."""
 
 from __future__ import annotations
 
