@@ -60,15 +60,15 @@ def worker_loop(rank: int, world_size: int, init_method: str, cfg: WorkersRuntim
         relay = _join_worker_group(world_size, transport)
         # After every collective of the join: a worker that fails from here on (a GPU
         # index this node lacks) is seen by the server at once, as a dead worker.
-        cfg = setup["runtime"]
+        options: WorkersRuntimeConfig = setup["runtime"]
         slot = rank - 1
         if launched_by_torchrun():
             slot = worker_slot_on_node(rank, int(os.environ.get("LOCAL_RANK", rank)))
-        device = resolve_device(cfg.device, slot)
+        device = resolve_device(options.device, slot)
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL binds each rank to its current device
         buffer_device = device if transport.on_device else torch.device("cpu")
-        threads = cfg.threads or max(1, (os.cpu_count() or 1) // max(1, world_size - 1))
+        threads = options.threads or max(1, (os.cpu_count() or 1) // max(1, world_size - 1))
         torch.set_num_threads(threads)
         parts = build_parts(resolve(setup["config"]))
         shared_store = open_store_from(setup["store"]) if setup["store"] else None
@@ -93,8 +93,8 @@ def worker_loop(rank: int, world_size: int, init_method: str, cfg: WorkersRuntim
             t0 = time.perf_counter()
             outcome = runtime.execute(order.assignments[rank - 1], payloads, order.num_groups)
             busy = time.perf_counter() - t0
-            if rank <= len(cfg.slowdown) and cfg.slowdown[rank - 1] > 1:
-                time.sleep(busy * (cfg.slowdown[rank - 1] - 1))
+            if rank <= len(options.slowdown) and options.slowdown[rank - 1] > 1:
+                time.sleep(busy * (options.slowdown[rank - 1] - 1))
                 busy = time.perf_counter() - t0
             if shared_store is not None:
                 shared_store.flush()  # durable before the server commits the round
