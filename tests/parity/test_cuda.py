@@ -15,27 +15,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from roost.config import apply_overrides, load_config_source, resolve
-from roost.runner import run
+from _runs import TEST_EXAMPLES, final_run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-BASE = ["clients=24", "clients_per_round=7", "rounds=3", "model.hidden=16", "eval_every=1"]
-TEST_EXAMPLES = 360
-
-
-def _final(tmp_path, name, overrides):
-    cfg = resolve(apply_overrides(load_config_source("quickstart"), [*BASE, *overrides]))
-    history = run(cfg, tmp_path / name)
-    params = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["strategy"]["params"]
-    return history, params
 
 
 @pytest.mark.parametrize("algorithm", ["fedavg", "scaffold", "ditto"])
 def test_local_runtime_on_gpu_matches_cpu(tmp_path, algorithm):
-    cpu_h, cpu_p = _final(tmp_path, "cpu", [f"algorithm={algorithm}", "runtime.device=cpu"])
-    gpu_h, gpu_p = _final(tmp_path, "gpu", [f"algorithm={algorithm}", "runtime.device=cuda"])
+    cpu_h, cpu_p = final_run(tmp_path, "cpu", [f"algorithm={algorithm}", "runtime.device=cpu"])
+    gpu_h, gpu_p = final_run(tmp_path, "gpu", [f"algorithm={algorithm}", "runtime.device=cuda"])
     assert gpu_p.device.type == "cpu"  # the strategy and checkpoints stay in host memory
     torch.testing.assert_close(gpu_p, cpu_p, rtol=1e-4, atol=1e-5)
     for a, b in zip(gpu_h.records, cpu_h.records, strict=True):
@@ -45,12 +33,12 @@ def test_local_runtime_on_gpu_matches_cpu(tmp_path, algorithm):
 @pytest.mark.parametrize(("algorithm", "state_store"), [("fedavg", "memory"), ("scaffold", "disk")])
 def test_one_worker_per_gpu_over_nccl_matches_local_gpu(tmp_path, algorithm, state_store):
     common = [f"algorithm={algorithm}", f"state_store={state_store}"]
-    local_h, local_p = _final(tmp_path, "local", [*common, "runtime.device=cuda"])
+    local_h, local_p = final_run(tmp_path, "local", [*common, "runtime.device=cuda"])
     gpus = torch.cuda.device_count()
     for topology in ("relay", "star"):
         # runtime=workers first: selecting a component drops its earlier parameters.
         workers = ["runtime=workers", "runtime.device=cuda", f"runtime.topology={topology}"]
-        h, p = _final(tmp_path, topology, [*common, *workers])
+        h, p = final_run(tmp_path, topology, [*common, *workers])
         assert h.final["worker_devices"] == [f"cuda:{i}" for i in range(gpus)]
         torch.testing.assert_close(p, local_p, rtol=1e-5, atol=1e-6)
         for a, b in zip(h.records, local_h.records, strict=True):
@@ -62,4 +50,4 @@ def test_missing_gpu_index_is_a_config_error(tmp_path):
 
     index = torch.cuda.device_count()
     with pytest.raises(ConfigError, match=f"runtime.device=cuda:{index}: GPU index out of range"):
-        _final(tmp_path, "bad", [f"runtime.device=cuda:{index}"])
+        final_run(tmp_path, "bad", [f"runtime.device=cuda:{index}"])

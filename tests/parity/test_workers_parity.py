@@ -19,19 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _runs import TEST_EXAMPLES, final_run
 
-from roost.config import apply_overrides, load_config_source, resolve
-from roost.runner import run
 from roost.runtime.device import resolve_device
-
-BASE = ["clients=24", "clients_per_round=7", "rounds=3", "model.hidden=16", "eval_every=1"]
-
-
-def _final(tmp_path, name, overrides):
-    cfg = resolve(apply_overrides(load_config_source("quickstart"), [*BASE, *overrides]))
-    history = run(cfg, tmp_path / name)
-    params = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["strategy"]["params"]
-    return history, params
 
 
 @pytest.mark.parametrize(
@@ -40,16 +30,15 @@ def _final(tmp_path, name, overrides):
 )
 def test_workers_match_local(tmp_path, algorithm, state_store):
     common = [f"algorithm={algorithm}", f"state_store={state_store}"]
-    local_h, local_p = _final(tmp_path, "local", common)
-    test_examples = 360  # digits: 1,797 examples, 20% held out, stratified
+    local_h, local_p = final_run(tmp_path, "local", common)
     for n, topology in ((2, "star"), (3, "star"), (3, "relay")):
         workers = ["runtime=workers", f"workers={n}", f"runtime.topology={topology}"]
-        h, p = _final(tmp_path, f"w{n}{topology}", [*common, *workers])
+        h, p = final_run(tmp_path, f"w{n}{topology}", [*common, *workers])
         torch.testing.assert_close(p, local_p, rtol=1e-5, atol=1e-6)
         for a, b in zip(h.records, local_h.records, strict=True):
             assert a["clients"] == b["clients"]
             assert a["virtual_time_s"] == b["virtual_time_s"]
-            assert abs(a["accuracy"] - b["accuracy"]) <= 1 / test_examples
+            assert abs(a["accuracy"] - b["accuracy"]) <= 1 / TEST_EXAMPLES
         assert len(h.final["worker_busy_s"]) == n
         # device=auto: the CPU here; one GPU each (mod #GPUs) on a machine with CUDA.
         assert h.final["worker_devices"] == [str(resolve_device("auto", s)) for s in range(n)]
@@ -63,12 +52,12 @@ def test_per_client_strategy_gets_the_same_results_over_workers(tmp_path):
     core each), within the tolerance above."""
     plugin = str(Path(__file__).with_name("median_plugin.py"))
     common = [f"imports={plugin}", "algorithm=test_median"]
-    local_h, local_p = _final(tmp_path, "local", common)
+    local_h, local_p = final_run(tmp_path, "local", common)
     assert local_h.records[-1]["clients_in_median"] == 7.0
     for n, topology in ((2, "star"), (3, "relay")):
         workers = ["runtime=workers", f"workers={n}", f"runtime.topology={topology}"]
-        h, p = _final(tmp_path, f"w{n}{topology}", [*common, *workers])
+        h, p = final_run(tmp_path, f"w{n}{topology}", [*common, *workers])
         torch.testing.assert_close(p, local_p, rtol=1e-5, atol=1e-6)
         for a, b in zip(h.records, local_h.records, strict=True):
             assert a["clients_in_median"] == b["clients_in_median"] == 7.0
-            assert abs(a["accuracy"] - b["accuracy"]) <= 1 / 360
+            assert abs(a["accuracy"] - b["accuracy"]) <= 1 / TEST_EXAMPLES
