@@ -16,6 +16,7 @@ from roost.data.base import DatasetInfo
 from roost.models.char_lstm import CharLSTM, CharLSTMConfig
 from roost.models.cnn import CNN, CNNConfig
 from roost.models.mlp import MLP, MLPConfig
+from roost.models.text_classifier import TextClassifier, TextClassifierConfig
 from roost.registry import Registry
 
 __all__ = ["MODELS", "build_model"]
@@ -31,6 +32,13 @@ MODELS.register("cnn", CNNConfig, "two conv5x5+pool layers and two linear (FedAv
 )
 MODELS.register("char_lstm", CharLSTMConfig, "character LSTM for next-character prediction")(
     lambda cfg, info: CharLSTM(cfg, info)  # type: ignore[arg-type]
+)
+MODELS.register(
+    "text_classifier",
+    TextClassifierConfig,
+    "mean of token embeddings and a linear layer, for word ids (data.features=token_ids)",
+)(
+    lambda cfg, info: TextClassifier(cfg, info)  # type: ignore[arg-type]
 )
 
 

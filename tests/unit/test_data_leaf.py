@@ -104,11 +104,11 @@ def test_malformed_leaf_files(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"bad_train_0.json: user 'a' is listed .* no user_data"):
         load_leaf_data(LeafConfig(path=str(tmp_path)), 0)
 
-    # Sent140-style raw tweets are not numeric features
+    # Sent140-style raw tweets are not numeric features (features=auto reads them as text)
     tweet = ["1467810369", "Mon Apr 06", "NO_QUERY", "someone", "hello", "training"]
     write_leaf(tmp_path / "bad_train_0.json", {"someone": ([tweet], [1])})  # type: ignore[list-item]
     with pytest.raises(ValueError, match=r"bad_train_0.json: user 'someone'.*Sent140"):
-        load_leaf_data(LeafConfig(path=str(tmp_path)), 0)
+        load_leaf_data(LeafConfig(path=str(tmp_path), features="numeric"), 0)
 
     write_leaf(tmp_path / "bad_train_0.json", {"u": ([[1.0], [2.0]], [0])})
     with pytest.raises(ValueError, match=r"user 'u': .* got x shape \(2, 1\) and 1 labels"):
@@ -116,7 +116,7 @@ def test_malformed_leaf_files(tmp_path: Path) -> None:
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match="no LEAF train files"):
+    with pytest.raises(FileNotFoundError, match="empty: no LEAF JSON files"):
         load_leaf_data(LeafConfig(path=str(empty)), 0)
     with pytest.raises(ConfigError) as e:
         build_dataset("leaf", {"path": str(tmp_path / "nope")}, "auto", {}, None, 0)
