@@ -2,11 +2,14 @@
 
     roost run PRESET_OR_FILE [KEY=VALUE ...] [--out DIR]
     roost run --resume DIR [runtime=... runtime.FIELD=... workers=N threads=N]
-    roost plot DIR [DIR ...] [--out FILE]
-    roost list [KIND]
+    roost plot DIR [DIR ...] [--out FILE] [--x round,virtual,wall]
+    roost list [KIND] [imports=FILE.py]
+    roost --version
 
 Bad input (an unknown key, a bad value, a file that does not parse, a run directory that
-cannot be used) is one line on stderr and exit code 2.
+cannot be used) is one line on stderr and exit code 2. A run that diverges (NaN or Inf in
+the model), loses a worker or is interrupted says so in one line and exits 1 (130 for
+Ctrl-C), naming the run directory to ``--resume`` when it holds a checkpoint.
 """
 
 from __future__ import annotations
@@ -15,8 +18,13 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from roost.engine import History
 
 __all__ = ["main"]
 
@@ -24,7 +32,10 @@ EXIT_USAGE = 2
 
 
 def _parser() -> argparse.ArgumentParser:
+    from roost import __version__
+
     p = argparse.ArgumentParser(prog="roost", description="Federated learning at scale.")
+    p.add_argument("--version", action="version", version=f"roost {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser(
         "run",
@@ -41,20 +52,58 @@ def _parser() -> argparse.ArgumentParser:
         "runtime.FIELD, workers and threads)",
     )
     r.add_argument("--quiet", action="store_true", help="no progress bar")
-    pl = sub.add_parser("plot", help="plot accuracy curves of one or more runs")
+    pl = sub.add_parser("plot", help="plot accuracy and loss curves of one or more runs")
     pl.add_argument("dirs", nargs="+", metavar="DIR")
     pl.add_argument(
         "--out",
         help="PNG file (default: DIR/accuracy.png for one run, roost-compare.png for several)",
     )
-    ls = sub.add_parser("list", help="list presets and the components of each kind")
-    ls.add_argument("kind", nargs="?", help="algorithm, data, partition, model, system, runtime")
+    pl.add_argument(
+        "--x",
+        default="round,virtual",
+        metavar="AXES",
+        help="x axes, one column each, comma-separated: round, virtual (virtual time), "
+        "wall (wall-clock time) (default: round,virtual)",
+    )
+    ls = sub.add_parser(
+        "list",
+        help="list presets, run keys and the components of each kind",
+        description="List presets, the run-level keys and every component with its "
+        "parameters; imports=FILE.py (or a module) first imports plugins that register more.",
+    )
+    ls.add_argument(
+        "kind", nargs="?", help="run, algorithm, data, partition, model, system, runtime"
+    )
     return p
 
 
 def _fail(message: str) -> int:
     print(f"roost: error: {message}", file=sys.stderr)
     return EXIT_USAGE
+
+
+def _note(message: str) -> None:
+    print(f"roost: note: {message}", file=sys.stderr)
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """Roost's own warnings as one line (``roost: warning: ...``); others as Python's."""
+    from roost.errors import RoostWarning
+
+    if issubclass(category, RoostWarning):
+        print(f"roost: warning: {message}", file=file or sys.stderr)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
 
 
 def _torchrun_worker(args: argparse.Namespace) -> int:
@@ -96,13 +145,15 @@ def _run(args: argparse.Namespace) -> int:
                 "with the config saved in DIR; KEY=VALUE may change runtime, "
                 "runtime.FIELD, workers or threads"
             )
-        history = resume(args.resume, overrides=args.items, progress=progress)
         out = Path(args.resume)
+        history = _guarded(out, lambda: resume(out, overrides=args.items, progress=progress))
     else:
         if not args.items:
             return _fail(f"roost run needs PRESET_OR_FILE (presets: {', '.join(sorted(PRESETS))})")
         source, *overrides = args.items
         cfg = resolve(apply_overrides(load_config_source(source), overrides))
+        for note in cfg.notes:
+            _note(note)
         if launched_by_torchrun() and cfg.name("runtime") != "workers":
             return _fail(
                 f"launched by torchrun with {os.environ['WORLD_SIZE']} processes, "
@@ -113,21 +164,62 @@ def _run(args: argparse.Namespace) -> int:
             if args.out
             else Path("runs", f"{Path(source).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
         )
-        history = run(cfg, out, progress=progress)
+        history = _guarded(out, lambda: run(cfg, out, progress=progress))
+    if isinstance(history, int):
+        return history
     final = history.last_evaluated()
     acc = final.get("accuracy")
     shown = f"final accuracy {acc:.4f}, " if acc is not None else ""
-    print(f"{shown}{len(history.records)} rounds; results in {out}")
+    stopped = history.final.get("stopped")
+    why = f" (stopped: {stopped})" if stopped else ""
+    print(
+        f"{shown}{len(history.records)} rounds{why}, {history.num_clients} clients; "
+        f"results in {out}"
+    )
     return 0
 
 
-def _plot(args: argparse.Namespace) -> int:
-    from roost.track.plot import plot_runs
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
 
+
+def _guarded(out: Path, start: Callable[[], History]) -> History | int:
+    """Run ``start``; a run that fails mid-way (diverged, a worker lost, Ctrl-C) becomes
+    one line naming ``out``, with ``--resume`` suggested only where a checkpoint is."""
+    from roost.errors import Diverged, WorkerFailure
+    from roost.track.rundir import RunDir
+
+    def resumable() -> str:
+        if RunDir(out).has_checkpoint():
+            return f"; continue with roost run --resume {out}"
+        return "; nothing was written"
+
+    try:
+        return start()
+    except Diverged as e:
+        kept = (
+            f"; {out} keeps the rounds before it"
+            if RunDir(out).has_checkpoint()
+            else "; no round finished, so nothing was written"
+        )
+        print(f"roost: error: {e}{kept}", file=sys.stderr)
+        return EXIT_FAILED
+    except WorkerFailure as e:
+        print(f"roost: error: {e}{resumable()}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"\nroost: interrupted{resumable()}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from roost.track.plot import parse_x_axes, plot_runs
+
+    x = parse_x_axes(args.x)
     default = (
         Path(args.dirs[0]) / "accuracy.png" if len(args.dirs) == 1 else Path("roost-compare.png")
     )
-    target = plot_runs(args.dirs, args.out or default)
+    target = plot_runs(args.dirs, args.out or default, x=x)
     print(target)
     return 0
 
@@ -135,14 +227,27 @@ def _plot(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from roost.config import PRESETS, component_registries
+    from roost.config import ALIASES, PRESETS, RunConfig, component_registries, import_plugins
+    from roost.registry import ConfigError
 
+    for item in args.items:
+        key, _, value = item.partition("=")
+        if key != "imports":
+            return _fail(f"{item}: roost list takes only imports=FILE.py (or a module)")
+        import_plugins([v for v in value.split(",") if v])
     registries = component_registries()
-    kinds = [args.kind] if args.kind else list(registries)
-    if args.kind and args.kind not in registries:
-        return _fail(f"list {args.kind}: allowed kinds: {', '.join(registries)}")
+    kinds = [args.kind] if args.kind else ["run", *registries]
+    if args.kind and args.kind not in ("run", *registries):
+        raise ConfigError("list", args.kind, f"allowed kinds: run, {', '.join(registries)}")
     if not args.kind:
         print("presets: " + ", ".join(sorted(PRESETS)))
+    if "run" in kinds:
+        print("run (top-level keys):")
+        for f in dataclasses.fields(RunConfig):
+            print(f"  {f.name}={_shown(f.default)}")
+        for alias, (kind, field) in ALIASES.items():
+            print(f"  {alias}: short for {kind}.{field}")
+        kinds.remove("run")
     for kind in kinds:
         print(f"{kind}:")
         for entry in registries[kind]:
@@ -173,23 +278,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    # KEY=VALUE overrides may stand after options (`roost run w1 --out D model=cnn`).
-    stray = [e for e in extra if e.startswith("-") or "=" not in e or args.command != "run"]
+    # KEY=VALUE overrides may stand after options (`roost run w1 --out D model=cnn`);
+    # `roost list` takes imports=... the same way.
+    takes_items = args.command in ("run", "list")
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not takes_items]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    if extra:
+    if args.command == "list":
+        args.items = extra
+    elif extra:
         args.items = [*args.items, *extra]
     handlers = {"run": _run, "plot": _plot, "list": _list}
-    try:
-        return handlers[args.command](args)
-    except (FileNotFoundError, ValueError) as e:  # config, file and run-directory errors
-        return _fail(str(e))
-    except WorkerFailure as e:
-        print(f"roost: error: {e}; continue with roost run --resume DIR", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nroost: interrupted; continue with roost run --resume DIR", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return handlers[args.command](args)
+        except (FileNotFoundError, ValueError) as e:  # config, file and run-directory errors
+            return _fail(str(e))
+        except WorkerFailure as e:  # a worker lost before the run directory was known
+            print(f"roost: error: {e}", file=sys.stderr)
+            return EXIT_FAILED
+        except KeyboardInterrupt:
+            print("\nroost: interrupted; nothing was written", file=sys.stderr)
+            return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -6,11 +6,18 @@ A run's configuration is a small tree. Top-level keys are the run's own settings
 
     roost run quickstart algorithm=fedprox algorithm.mu=0.01 rounds=20
 
-``KIND=NAME`` selects a component (its previous parameters are dropped when the name
-changes, since they belonged to the other one); ``KIND.FIELD=VALUE`` sets a field. A file
-(TOML, YAML or JSON) holds the same tree, components either as ``algorithm = "fedavg"`` or
-as a table with a ``name`` key, and may start from a preset with ``preset = "NAME"``.
-Unknown keys and bad values raise :class:`~roost.registry.ConfigError`.
+``KIND=NAME`` selects a component and ``KIND.FIELD=VALUE`` sets a field. Switching a
+component keeps every parameter set so far that the new choice also takes (quickstart's
+tuned ``lr``, ``batch_size`` and ``local_epochs`` survive ``algorithm=fedprox``); the
+others are dropped, and :attr:`ResolvedConfig.notes` says which (``roost run`` prints
+them). Switching ``data`` to a loader whose data has natural clients (LEAF writers,
+speakers, W1's generated clients) also sets ``partition=natural`` with every natural
+client, unless the same overrides (or file) set ``partition`` or ``clients`` themselves.
+
+A file (TOML, YAML or JSON) holds the same tree, components either as ``algorithm =
+"fedavg"`` or as a table with a ``name`` key, and may start from a preset with ``preset =
+"NAME"``; its keys are then applied to the preset by the same rules as overrides. Unknown
+keys and bad values raise :class:`~roost.registry.ConfigError`.
 """
 
 from __future__ import annotations
@@ -21,9 +28,12 @@ import importlib
 import importlib.util
 import json
 import math
+import os
 import sys
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -77,6 +87,12 @@ class RunConfig:
         imports: Python modules (names, or paths ending in ``.py``) imported before the
             config is validated, so that algorithms, data loaders or models they register
             can be named; saved in ``config.json``, so ``--resume`` imports them again.
+        target_accuracy: stop after the first evaluated round whose test accuracy is at
+            least this (None: run every round).
+        virtual_time_budget_s: stop after the first round that ends at or past this
+            virtual time, in seconds (None: no budget).
+        tensorboard: also write every round's metrics as TensorBoard scalars into
+            ``tensorboard/`` in the run directory (``pip install 'roost[tensorboard]'``).
     """
 
     rounds: int = 10
@@ -89,6 +105,9 @@ class RunConfig:
     threads: int | None = None
     state_store: Literal["memory", "disk"] = "memory"
     imports: tuple[str, ...] = ()
+    target_accuracy: float | None = None
+    virtual_time_budget_s: float | None = None
+    tensorboard: bool = False
 
     def __post_init__(self) -> None:
         check(self.rounds >= 1, "rounds", self.rounds, "must be >= 1")
@@ -111,6 +130,19 @@ class RunConfig:
             "must be > 0 or none",
         )
         check(self.threads is None or self.threads >= 1, "threads", self.threads, "must be >= 1")
+        check(
+            self.target_accuracy is None or 0 < self.target_accuracy <= 1,
+            "target_accuracy",
+            self.target_accuracy,
+            "must be in (0, 1] or none",
+        )
+        check(
+            self.virtual_time_budget_s is None
+            or (self.virtual_time_budget_s > 0 and math.isfinite(self.virtual_time_budget_s)),
+            "virtual_time_budget_s",
+            self.virtual_time_budget_s,
+            "must be a number > 0 or none",
+        )
 
 
 COMPONENT_DEFAULTS: dict[str, str] = {
@@ -145,10 +177,16 @@ def component_registries() -> dict[str, Registry[Any]]:
 
 @dataclass(frozen=True)
 class ResolvedConfig:
-    """A validated run configuration: the run settings and each component's (name, config)."""
+    """A validated run configuration: the run settings and each component's (name, config).
+
+    ``notes`` are what resolving decided for the user that they may not expect (parameters
+    dropped when a component was switched, a partition chosen for data with natural
+    clients); one line each, not part of the config itself.
+    """
 
     run: RunConfig
     components: Mapping[str, tuple[str, Any]]
+    notes: tuple[str, ...] = dataclass_field(default=(), compare=False)
 
     def name(self, kind: str) -> str:
         return self.components[kind][0]
@@ -199,7 +237,10 @@ def _parse_file(path: Path) -> dict[str, Any]:
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-            raise ConfigFileError(f"{path}: invalid YAML: {where}{e}") from None
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            context = getattr(e, "context", None)
+            what = f"{problem} ({context})" if context else problem
+            raise ConfigFileError(f"{path}: invalid YAML: {where}{what}") from None
     elif suffix == ".json":
         try:
             data = json.loads(text)
@@ -231,13 +272,7 @@ def load_config_source(source: str) -> dict[str, Any]:
         return tree
     if base_name not in PRESETS:
         raise ConfigError("preset", base_name, f"allowed: {', '.join(sorted(PRESETS))}")
-    base = PRESETS[base_name]()
-    for key, value in tree.items():
-        if key in COMPONENT_DEFAULTS:
-            _set_component(base, key, value)
-        else:
-            base[key] = value
-    return base
+    return _apply_items(PRESETS[base_name](), list(tree.items()))
 
 
 def _component_entry(key: str, value: Any) -> dict[str, Any]:
@@ -251,38 +286,96 @@ def _component_entry(key: str, value: Any) -> dict[str, Any]:
     raise ConfigError(key, value, "expected a name or a table with a name key")
 
 
+CARRIED = "_carried"
+"""Key of a component entry: ``{param: name of the component it was set for}``, for the
+parameters kept when the component was switched. :func:`resolve` drops those the new
+component does not take, with a note."""
+
+FOLLOW_DATA = "_follow_data"
+"""Top-level key: which of ``partition`` and ``clients`` were left to follow a switch of
+``data``; :func:`resolve` sets them for data with natural clients."""
+
+_FOLLOWERS = ("partition", "clients")
+
+
 def _set_component(tree: dict[str, Any], kind: str, value: Any) -> None:
+    """Select (``value`` names another component) or update a component's entry.
+
+    On a switch the old entry's parameters are carried into the new one, marked with the
+    component they were set for; explicit parameters in ``value`` win.
+    """
     new = _component_entry(kind, value)
     old = _component_entry(kind, tree.get(kind, {}))
-    if "name" in new and new["name"] != old.get("name"):
-        tree[kind] = new
+    old_name = old.pop("name", COMPONENT_DEFAULTS[kind])
+    old_carried: dict[str, str] = dict(old.pop(CARRIED, {}))
+    if "name" in new and new["name"] != old_name:
+        carried = {k: old_carried.get(k, old_name) for k in old if k not in new}
+        entry = {**old, **new}
+        if carried:
+            entry[CARRIED] = carried
+        tree[kind] = entry
     else:
-        tree[kind] = {**old, **new}
+        for k in new:
+            old_carried.pop(k, None)
+        entry = {"name": old_name, **old, **new}
+        if old_carried:
+            entry[CARRIED] = old_carried
+        tree[kind] = entry
 
 
-def apply_overrides(tree: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply ``key=value`` strings in order; returns a new tree."""
+def _set_field(tree: dict[str, Any], kind: str, name: str, value: Any) -> None:
+    entry = _component_entry(kind, tree.get(kind, {}))
+    entry[name] = value
+    carried = {k: v for k, v in entry.get(CARRIED, {}).items() if k != name}
+    entry.pop(CARRIED, None)
+    if carried:
+        entry[CARRIED] = carried
+    tree[kind] = entry
+
+
+def _data_name(tree: Mapping[str, Any]) -> Any:
+    return _component_entry("data", tree.get("data", {})).get("name", COMPONENT_DEFAULTS["data"])
+
+
+def _apply_items(tree: Mapping[str, Any], items: Sequence[tuple[str, Any]]) -> dict[str, Any]:
+    """Apply ``(key, value)`` pairs in order: ``KIND`` (a name or a table), ``KIND.FIELD``
+    or a run-level key. Returns a new tree."""
     out = copy.deepcopy(dict(tree))
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(item, "", "expected KEY=VALUE (e.g. rounds=20 or algorithm.mu=0.01)")
-        kind, dot, field = key.partition(".")
+    data_before = _data_name(out)
+    user_set: set[str] = set()
+    for key, value in items:
+        kind, dot, name = key.partition(".")
         if kind in COMPONENT_DEFAULTS:
             if not dot:
                 _set_component(out, kind, value)
             else:
-                entry = _component_entry(kind, out.get(kind, {}))
-                entry[field] = value
-                out[kind] = entry
+                _set_field(out, kind, name, value)
         elif dot:
             raise ConfigError(
                 key, value, f"unknown section {kind!r}; sections: {', '.join(COMPONENT_DEFAULTS)}"
             )
         else:
             out[key] = value
+        user_set.add(kind)
+    follow = set(out.pop(FOLLOW_DATA, ()))
+    if _data_name(out) != data_before:
+        follow = set(_FOLLOWERS)
+    follow -= user_set
+    if follow:
+        out[FOLLOW_DATA] = sorted(follow)
     return out
+
+
+def apply_overrides(tree: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``key=value`` strings in order; returns a new tree."""
+    items: list[tuple[str, Any]] = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(item, "", "expected KEY=VALUE (e.g. rounds=20 or algorithm.mu=0.01)")
+        items.append((key, value))
+    return _apply_items(tree, items)
 
 
 def import_plugins(names: Sequence[str]) -> None:
@@ -292,6 +385,14 @@ def import_plugins(names: Sequence[str]) -> None:
     up with the current directory on the path.
     """
     for name in names:
+        looks_like_path = "/" in name or os.sep in name or Path(name).suffix not in ("", ".py")
+        if not name.endswith(".py") and (looks_like_path or Path(name).is_file()):
+            raise ConfigError(
+                "imports",
+                name,
+                "not a Python file; give a path ending in .py or a module name "
+                "(e.g. imports=my_algorithm.py or imports=my_package.plugins)",
+            )
         try:
             if name.endswith(".py"):
                 path = Path(name).resolve()
@@ -310,6 +411,9 @@ def import_plugins(names: Sequence[str]) -> None:
                 importlib.import_module(name)
         except ModuleNotFoundError as e:
             raise ConfigError("imports", name, f"cannot import: {e}") from None
+        except SyntaxError as e:
+            where = f"{e.filename}, line {e.lineno}" if e.lineno else str(e.filename)
+            raise ConfigError("imports", name, f"invalid Python: {where}: {e.msg}") from None
 
 
 ALIASES: dict[str, tuple[str, str]] = {"workers": ("runtime", "workers")}
@@ -334,11 +438,78 @@ def _expand_aliases(tree: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _follow_natural_data(
+    tree: dict[str, Any], follow: Sequence[str], registries: Mapping[str, Registry[Any]]
+) -> list[str]:
+    """After a switch to data with natural clients: ``partition=natural`` and every
+    natural client, for whichever of the two the user left to follow; returns notes."""
+    data = _data_name(tree)
+    if not follow or not isinstance(data, str) or data not in registries["data"]:
+        return []
+    from roost.data import NATURAL_CLIENTS
+
+    if NATURAL_CLIENTS not in registries["data"].get(data).tags:
+        return []
+    changed = []
+    old_partition = _component_entry("partition", tree.get("partition", {})).get("name")
+    if "partition" in follow and old_partition not in ("natural", None):
+        tree["partition"] = {"name": "natural"}
+        changed.append(f"partition=natural (not {old_partition})")
+    partition = _component_entry("partition", tree.get("partition", {})).get("name")
+    natural = partition in ("natural", "auto", None)
+    if "clients" in follow and natural and tree.get("clients") is not None:
+        changed.append(f"every natural client (not clients={tree['clients']})")
+        tree["clients"] = None
+    if not changed:
+        return []
+    return [
+        f"data={data} has natural clients, so the run uses {' and '.join(changed)}; "
+        "set partition= or clients= to choose otherwise"
+    ]
+
+
+def _drop_carried(
+    kind: str, entry: dict[str, Any], registries: Mapping[str, Registry[Any]]
+) -> list[str]:
+    """Remove carried parameters the entry's component does not take; returns a note."""
+    carried: dict[str, str] = entry.pop(CARRIED, {})
+    name = entry.get("name", COMPONENT_DEFAULTS[kind])
+    if not carried or not isinstance(name, str) or name not in registries[kind]:
+        return []
+    cls = registries[kind].get(name).config_cls
+    fields = config_fields(cls)
+    hints = typing.get_type_hints(cls)
+
+    def takes(key: str) -> bool:
+        if key not in fields:
+            return False
+        try:  # same name, other meaning (mlp's hidden widths vs cnn's one width)
+            coerce_value(f"{kind}.{key}", entry[key], hints[key])
+        except ConfigError:
+            return False
+        return True
+
+    dropped = [k for k in carried if not takes(k)]
+    if not dropped:
+        return []
+    shown = ", ".join(f"{k}={entry.pop(k)} (set for {carried[k]})" for k in dropped)
+    return [f"{kind}={name} does not take {shown}; dropped"]
+
+
 def resolve(tree: Mapping[str, Any]) -> ResolvedConfig:
     """Validate a raw tree into a :class:`ResolvedConfig` (defaults filled in)."""
     imports = tree.get("imports", ())
     import_plugins(coerce_value("imports", imports, tuple[str, ...]))
     registries = component_registries()
+    tree = {k: copy.deepcopy(v) for k, v in tree.items()}
+    follow = tree.pop(FOLLOW_DATA, ())
+    notes: list[str] = []
+    for kind in COMPONENT_DEFAULTS:
+        if kind in tree:
+            entry = _component_entry(kind, tree[kind])
+            notes += _drop_carried(kind, entry, registries)
+            tree[kind] = entry
+    notes += _follow_natural_data(tree, follow, registries)
     tree = _expand_aliases(tree)
     run_values: dict[str, Any] = {}
     allowed_top = sorted([*config_fields(RunConfig), *COMPONENT_DEFAULTS, *ALIASES])
@@ -356,4 +527,4 @@ def resolve(tree: Mapping[str, Any]) -> ResolvedConfig:
         registry = registries[kind]
         registry.get(name)
         components[kind] = (name, registry.config(name, entry))
-    return ResolvedConfig(run, components)
+    return ResolvedConfig(run, components, tuple(notes))

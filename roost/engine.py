@@ -13,6 +13,13 @@ A synchronous round ``r`` starting at virtual time ``t0``:
    round ends when the last counted client arrives (or at the deadline, if fewer than
    ``m`` made it), and the strategy steps.
 
+After the step the global model is checked: a NaN or Inf in it raises :class:`Diverged`
+naming the round (the run stops; nothing of that round is recorded). A round in which
+every selected client was dropped leaves the model unchanged and warns (once per run;
+``clients == 0`` in its record). The run stops early after the first round that reaches
+``target_accuracy`` or ends at or past ``virtual_time_budget_s``; its record then says
+why in ``stopped``.
+
 The engine never looks at real time except to report it, and never decides how tasks are
 computed: that is the runtime's business.
 """
@@ -21,16 +28,19 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
 from roost.algorithms.base import Algorithm, Payload, Strategy
 from roost.clock import VirtualClock
 from roost.config import RunConfig
 from roost.data.base import FederatedDataset
+from roost.errors import Diverged, RoostWarning
 from roost.runtime.base import Runtime, Task, task_seed
 from roost.state import ClientStateStore
 from roost.system.model import SystemModel
@@ -46,9 +56,11 @@ class Callback(Protocol):
 
 @dataclass
 class History:
-    """One record per round, as written to ``metrics.jsonl``."""
+    """One record per round, as written to ``metrics.jsonl``, and the run's number of
+    clients."""
 
     records: list[dict[str, Any]] = field(default_factory=list)
+    num_clients: int = 0
 
     @property
     def final(self) -> dict[str, Any]:
@@ -96,7 +108,7 @@ def plan_round(
 
 def client_metric_means(metrics: Sequence[tuple[int, dict[str, float]]]) -> dict[str, float]:
     """``client_<key>``: the mean over clients of every client metric except train_loss
-    (e.g. Ditto's ``client_personal_accuracy``)."""
+    (e.g. Ditto's ``client_trained_personal_accuracy``)."""
     sums: dict[str, list[float]] = {}
     for _, m in metrics:
         for key, value in m.items():
@@ -121,6 +133,7 @@ class Engine:
         clock: VirtualClock | None = None,
         callbacks: Sequence[Callback] = (),
         state_store: ClientStateStore | None = None,
+        initial_params: torch.Tensor | None = None,
     ) -> None:
         self.run_config = run
         self.algorithm = algorithm
@@ -134,6 +147,8 @@ class Engine:
         self.state_store = state_store
         self.wall_offset_s = 0.0
         self._test = dataset.test_data()
+        self._warned_empty = False
+        self.initial_params = initial_params
 
     def _candidates(self, t: float) -> np.ndarray:
         n = self.dataset.num_clients
@@ -189,37 +204,136 @@ class Engine:
         self.clock.advance_to(max(plan.end_s, self.clock.now))
 
         record: dict[str, Any] = {"round": r}
+        losses = [m["train_loss"] for _, m in outcome.client_metrics if "train_loss" in m]
+        train_loss = float(np.mean(losses)) if losses else None
         if plan.counted:
             server = self.strategy.step(r, outcome.contributions)
             record.update(server)
+            self._check_finite(r, train_loss, server)
+        else:
+            self._warn_empty(r, plan)
         record["virtual_time_s"] = self.clock.now
         record["wall_time_s"] = self.wall_offset_s + (time.perf_counter() - wall_start)
         record["clients"] = len(plan.counted)
         record["dropped"] = len(plan.selected) - len(plan.counted)
         record["bytes_down"] = payload.nbytes * len(plan.counted)
         record["bytes_up"] = self.algorithm.upload_nbytes(self.num_params) * len(plan.counted)
-        losses = [m["train_loss"] for _, m in outcome.client_metrics if "train_loss" in m]
-        record["train_loss"] = float(np.mean(losses)) if losses else None
+        record["train_loss"] = train_loss
         record.update(client_metric_means(outcome.client_metrics))
         record.update(outcome.metrics)
         record["accuracy"] = record["loss"] = None
         if self._test is not None and self._due_eval(r):
-            loss, acc = self.runtime.evaluate(self.strategy.params, self._test)
+            loss, acc = self.runtime.evaluate(self.strategy.eval_params, self._test)
             record["accuracy"], record["loss"] = acc, loss
+        if self._due_eval(r) and self.algorithm.evaluates_personal_models():
+            record.update(self.evaluate_personal())
             record["wall_time_s"] = self.wall_offset_s + (time.perf_counter() - wall_start)
         return record
+
+    def evaluate_personal(self) -> dict[str, Any]:
+        """Every client's personal model on its own test split (clients with no state yet
+        at the initial model): ``personal_accuracy`` = correct predictions over all
+        clients' test examples, ``personal_loss`` example-weighted, and how many clients
+        were measured. Empty when the data has no per-client test splits."""
+        if self.state_store is None or self.initial_params is None:
+            raise RuntimeError("personal evaluation needs the state store and w^0")
+        loss_sum, correct, examples, clients = 0.0, 0, 0, 0
+        for cid in range(self.dataset.num_clients):
+            test = self.dataset.client_test_data(cid)
+            if test is None or len(test) == 0:
+                continue
+            state = self.state_store.get(cid)
+            params = self.initial_params if state is None else self.algorithm.personal_params(state)
+            loss, acc = self.runtime.evaluate(params, test)
+            n = len(test)
+            loss_sum += loss * n
+            correct += round(acc * n)
+            examples += n
+            clients += 1
+        if not examples:
+            return {}
+        return {
+            "personal_accuracy": correct / examples,
+            "personal_loss": loss_sum / examples,
+            "personal_clients": clients,
+        }
+
+    def _check_finite(self, r: int, train_loss: float | None, server: dict[str, Any]) -> None:
+        """Raise :class:`Diverged` if the global model holds a NaN or Inf, or if a number
+        computed from it overflowed: the server's metrics (e.g. an ``update_norm`` past
+        float32's range, ~1.8e19) or the clients' mean train loss."""
+        params = self.strategy.params
+        models = (
+            [params] if self.strategy.eval_params is params else [params, self.strategy.eval_params]
+        )
+        bad = sum(m.numel() - int(torch.isfinite(m).sum()) for m in models)
+        if not bad:
+            overflowed = [
+                k
+                for k, v in [*server.items(), ("train_loss", train_loss)]
+                if isinstance(v, float) and not math.isfinite(v)
+            ]
+            if not overflowed:
+                return
+            what = f"a non-finite {' and '.join(overflowed)}"
+        else:
+            what = f"{bad:,} of the global model's {params.numel():,} values are NaN or Inf"
+            if train_loss is not None:
+                what += f" (the clients' mean train_loss was {train_loss:g})"
+        raise Diverged(
+            f"round {r}: {what} after the server step of algorithm={self.algorithm.name}; "
+            "the run diverged and stopped. Try a smaller learning rate (algorithm.lr, or "
+            "algorithm.server_lr for a server optimiser)"
+        )
+
+    def _warn_empty(self, r: int, plan: RoundPlan) -> None:
+        """Warn (once per run) that a round had no client to count."""
+        if self._warned_empty:
+            return
+        self._warned_empty = True
+        deadline = self.run_config.deadline_s
+        if not plan.selected:
+            why = "no client was available"
+        elif deadline is not None:
+            why = (
+                f"none of the {len(plan.selected)} selected clients could arrive within "
+                f"deadline_s={deadline:g}"
+            )
+        else:
+            why = f"all {len(plan.selected)} selected clients were dropped"
+        warnings.warn(
+            f"round {r}: {why}, so the global model did not change; later rounds like it "
+            "are not warned about again (summary.json counts them in rounds_without_clients)",
+            RoostWarning,
+            stacklevel=3,
+        )
+
+    def stop_reason(self, record: dict[str, Any]) -> str | None:
+        """Why the run stops after this round, or None: a target accuracy reached or the
+        virtual-time budget used up."""
+        cfg = self.run_config
+        acc = record.get("accuracy")
+        if cfg.target_accuracy is not None and acc is not None and acc >= cfg.target_accuracy:
+            return f"target_accuracy {cfg.target_accuracy:g} reached ({acc:.4f})"
+        budget = cfg.virtual_time_budget_s
+        if budget is not None and record["virtual_time_s"] >= budget:
+            return f"virtual_time_budget_s {budget:g} used ({record['virtual_time_s']:.1f} s)"
+        return None
 
     def _due_eval(self, r: int) -> bool:
         cfg = self.run_config
         return r == cfg.rounds or (cfg.eval_every > 0 and r % cfg.eval_every == 0)
 
     def run(self, start_round: int = 1, history: History | None = None) -> History:
-        """Run rounds ``start_round .. rounds``; callbacks may stop early."""
+        """Run rounds ``start_round .. rounds``; the stop rules and callbacks may stop early."""
         history = history or History()
         wall_start = time.perf_counter()
         for r in range(start_round, self.run_config.rounds + 1):
             record = self.run_round(r, wall_start)
-            stop = False
+            reason = self.stop_reason(record)
+            if reason is not None:
+                record["stopped"] = reason
+            stop = reason is not None
             for cb in self.callbacks:
                 s, extra = cb(record)
                 record.update(extra)

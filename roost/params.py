@@ -62,13 +62,14 @@ class ParamLayout:
         return {s.name: flat[s.offset : s.offset + s.numel].view(s.shape) for s in self.slots}
 
     def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Copy named tensors (e.g. a ``state_dict``) into a new flat float32 vector."""
+        """Copy named tensors (e.g. a ``state_dict``) into a new flat float32 vector, with no
+        autograd history (copying a module's parameters must not tie the copy to them)."""
         missing = [s.name for s in self.slots if s.name not in tensors]
         if missing:
             raise KeyError(f"tensors are missing parameters {missing}")
         flat = torch.empty(self.numel, dtype=torch.float32)
         for s in self.slots:
-            flat[s.offset : s.offset + s.numel].copy_(tensors[s.name].reshape(-1))
+            flat[s.offset : s.offset + s.numel].copy_(tensors[s.name].detach().reshape(-1))
         return flat
 
 
@@ -124,7 +125,7 @@ class FlatModel:
                 "the payload aliases the resident model; pass the global "
                 "parameters as a separate tensor"
             )
-        self.params.copy_(flat)
+        self.params.copy_(flat.detach())
 
     def zero_grad_(self) -> None:
         self.grads.zero_()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Generic, Literal, TypeVar, Union, get_args, get_origin
 
 __all__ = ["ConfigError", "Registry", "build_config", "check", "coerce_value", "config_fields"]
@@ -153,6 +153,7 @@ class Entry(Generic[T]):
     config_cls: type
     factory: T
     summary: str
+    tags: frozenset[str] = frozenset()
 
 
 class Registry(Generic[T]):
@@ -162,12 +163,17 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
 
-    def register(self, name: str, config_cls: type, summary: str = "") -> Callable[[T], T]:
+    def register(
+        self, name: str, config_cls: type, summary: str = "", tags: Iterable[str] = ()
+    ) -> Callable[[T], T]:
+        """Register ``factory`` under ``name``. ``tags`` are facts the assembly layer may
+        ask about before building anything (e.g. data with ``natural_clients``)."""
+
         def deco(factory: T) -> T:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             doc = summary or (getattr(factory, "__doc__", "") or "").strip().split("\n")[0]
-            self._entries[name] = Entry(name, config_cls, factory, doc)
+            self._entries[name] = Entry(name, config_cls, factory, doc, frozenset(tags))
             return factory
 
         return deco

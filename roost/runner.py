@@ -7,6 +7,7 @@ system model, the runtime, and the callbacks that write metrics and checkpoints.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,15 +18,18 @@ import torch
 from roost.build import build_parts, initial_params
 from roost.config import ResolvedConfig, apply_overrides, resolve
 from roost.engine import Callback, Engine, History
+from roost.errors import Diverged
 from roost.registry import ConfigError
 from roost.runtime.base import RUNTIMES, Job
 from roost.state import ClientStateStore, make_state_store
+from roost.state.base import STATE_FILE_NAME
 from roost.system import build_system
 from roost.track.progress import ProgressBar
 from roost.track.resources import peak_rss_mb
 from roost.track.rundir import RunDir, RunDirError
+from roost.track.tensorboard import TensorBoardWriter
 
-__all__ = ["resume", "run", "summarize"]
+__all__ = ["describe_run", "resume", "run", "summarize"]
 
 CHECKPOINT_FORMAT = 2
 
@@ -45,6 +49,7 @@ class _Checkpointer:
                 "round": record["round"],
                 "virtual_time_s": record["virtual_time_s"],
                 "wall_time_s": record["wall_time_s"],
+                "stopped": record.get("stopped"),
                 "strategy": self.engine.strategy.state_dict(),
                 "runtime": self.engine.runtime.state_dict(),
                 "client_state": self.store.checkpoint_state(),
@@ -71,9 +76,17 @@ def run(
     """
     cfg = _as_resolved(config)
     rundir = RunDir(out) if out is not None else None
-    if rundir is not None:
-        rundir.create(cfg.to_dict())
-    return _execute(cfg, rundir, None, progress, callbacks)
+    if rundir is None:
+        return _execute(cfg, None, None, progress, callbacks)
+    rundir.create(cfg.to_dict())
+    if cfg.run.state_store == "disk":
+        rundir.made(STATE_FILE_NAME)
+    try:
+        return _execute(cfg, rundir, None, progress, callbacks)
+    except BaseException:
+        if not rundir.has_checkpoint():  # failed before its first round: nothing to keep
+            rundir.discard()
+        raise
 
 
 RESUME_KEYS = ("runtime", "workers", "threads")
@@ -129,6 +142,8 @@ def _execute(
     num_params = init.numel()
     strategy = algorithm.make_strategy()
     strategy.initialize(init, dataset.num_clients)
+    # w^0 is kept only where personal models that were never trained are measured at it
+    initial = init if algorithm.evaluates_personal_models() else None
     del init
     if checkpoint is not None:
         assert rundir is not None
@@ -155,9 +170,11 @@ def _execute(
         system=system,
         num_params=num_params,
         state_store=store,
+        initial_params=initial,
     )
-    history = History()
+    history = History(num_clients=dataset.num_clients)
     start_round = 1
+    finished = False
     if checkpoint is not None:
         assert rundir is not None
         strategy.load_state_dict(checkpoint["strategy"])
@@ -165,22 +182,51 @@ def _execute(
         engine.wall_offset_s = float(checkpoint["wall_time_s"])
         start_round = int(checkpoint["round"]) + 1
         history.records = rundir.truncate_metrics(start_round - 1)
+        finished = start_round > rc.rounds or bool(checkpoint.get("stopped"))
     elif rundir is not None and rundir.read_metrics():
         history.records = rundir.truncate_metrics(0)
+    if finished and rundir is not None and rundir.has_summary():
+        store.close()  # a finished run resumed: nothing to compute, its summary stands
+        return history
     engine.callbacks = list(callbacks)
     if rundir is not None:
         engine.callbacks.append(_Checkpointer(rundir, engine, store))
+    tensorboard = None
+    if rc.tensorboard:
+        if rundir is None:
+            raise ConfigError("tensorboard", True, "needs a run directory (--out DIR)")
+        tensorboard = TensorBoardWriter(rundir.path / "tensorboard")
+        rundir.made("tensorboard")
+        engine.callbacks.append(tensorboard)
     if progress:
+        print(describe_run(cfg, dataset.num_clients), file=sys.stderr)
         engine.callbacks.append(ProgressBar(rc.rounds))
+    status = "completed"
     try:
-        if start_round <= rc.rounds:  # a finished run resumed starts no processes
+        if not finished:  # a finished run resumed starts no processes
             runtime.start(Job(algorithm, dataset, parts.build_module, store, cfg.to_dict()))
             if checkpoint is not None:
                 runtime.load_state_dict(checkpoint.get("runtime", {}))
             engine.run(start_round, history)
+    except Diverged as e:
+        status = "diverged"
+        if rundir is not None and rundir.has_checkpoint():
+            rundir.write_summary(
+                {
+                    **summarize(history, engine.wall_offset_s + time.perf_counter() - started),
+                    "status": status,
+                    "error": str(e),
+                }
+            )
+        raise
+    except BaseException:
+        runtime.abort()
+        raise
     finally:
         runtime.close()
         store.close()
+        if tensorboard is not None:
+            tensorboard.close()
     if rundir is not None:
         rundir.write_summary(
             summarize(history, engine.wall_offset_s + time.perf_counter() - started)
@@ -188,13 +234,29 @@ def _execute(
     return history
 
 
+def describe_run(cfg: ResolvedConfig, num_clients: int) -> str:
+    """The line ``roost run`` prints first: what runs, on how many clients."""
+    rc = cfg.run
+    return (
+        f"roost: {cfg.name('algorithm')} on data={cfg.name('data')}, {num_clients} clients "
+        f"(partition={cfg.name('partition')}), {rc.clients_per_round} per round, "
+        f"{rc.rounds} rounds, model={cfg.name('model')}, runtime={cfg.name('runtime')}"
+    )
+
+
 def summarize(history: History, wall_s: float) -> dict[str, Any]:
-    """summary.json: final metrics, time, and peak memory (this process's, and with worker
-    processes each worker's and the sum over all processes)."""
+    """summary.json: how the run ended (``status``: completed, stopped early with the
+    reason in ``stopped``, or diverged), final metrics, clients, time, and peak memory
+    (this process's, and with worker processes each worker's and the sum over all)."""
     final = history.final
     evaluated = history.last_evaluated()
+    stopped = final.get("stopped")
     summary = {
+        "status": "stopped" if stopped else "completed",
+        "stopped": stopped,
         "rounds": final.get("round", 0),
+        "clients": history.num_clients,
+        "rounds_without_clients": sum(1 for r in history.records if r.get("clients") == 0),
         "final_accuracy": evaluated.get("accuracy"),
         "final_loss": evaluated.get("loss"),
         "virtual_time_s": final.get("virtual_time_s", 0.0),

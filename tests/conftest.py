@@ -15,10 +15,16 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def _start_run_until_round(
-    overrides: Sequence[str], out: Path, rounds_done: int = 2, timeout_s: float = 180
+    overrides: Sequence[str],
+    out: Path,
+    rounds_done: int = 2,
+    timeout_s: float = 180,
+    new_session: bool = False,
 ) -> subprocess.Popen[str]:
     """Start ``roost run quickstart OVERRIDES --out OUT`` and return once its metrics file
-    holds ``rounds_done`` rounds, with the process still running (else the test fails)."""
+    holds ``rounds_done`` rounds, with the process still running (else the test fails).
+    ``new_session`` makes it the leader of its own process group, as a shell's foreground
+    job is (Ctrl-C signals the whole group)."""
     cmd = [
         sys.executable,
         "-m",
@@ -30,7 +36,14 @@ def _start_run_until_round(
         str(out),
         "--quiet",
     ]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=new_session,
+    )
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and proc.poll() is None:

@@ -280,6 +280,13 @@ class Strategy:
     def payload(self, round: int) -> Payload:
         return Payload(self.params, self.version)
 
+    @property
+    def eval_params(self) -> torch.Tensor:
+        """The model the central evaluation measures: the global model by default; a
+        strategy whose papers report another one (FedDyn: the mean of the round's client
+        models) overrides this."""
+        return self.params
+
     def step(self, round: int, contributions: Sequence[Contribution]) -> dict[str, float]:
         """Update :attr:`params` from this round's results; return server metrics.
 
@@ -329,6 +336,17 @@ class Algorithm:
     def client_state_spec(self, num_params: int) -> dict[str, int]:
         """Per-client state: tensor name -> number of float32 elements (flat vectors)."""
         return {}
+
+    def evaluates_personal_models(self) -> bool:
+        """True for a personalised method whose official metric is every client's
+        personal model on its own test split (Ditto); the engine then calls
+        :meth:`personal_params` for every client at each evaluation."""
+        return False
+
+    def personal_params(self, state: Tensors) -> torch.Tensor:
+        """The flat parameters of a client's personal model, from its state. Clients with
+        no state yet are evaluated at the initial global model ``w^0`` instead."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no personal model")
 
     def work_examples(self, num_examples: int) -> int:
         """Examples processed by one task (for the system model's compute time)."""

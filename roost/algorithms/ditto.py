@@ -15,9 +15,19 @@ momentum and weight decay as the global update) on::
     v ← v − η (∇F_k(v) + λ (v − w^t))
 
 (λ = ``lam``; λ = 0 trains ``v_k`` on the local loss alone), keeps the result, and — if the
-data has per-client test splits — reports ``personal_loss`` and ``personal_accuracy`` of
-``v_k`` on the client's own test split (averaged over the round's clients by the engine as
-``client_personal_*``). Then it trains the global copy from ``w^t``.
+data has per-client test splits — reports ``trained_personal_loss`` and
+``trained_personal_accuracy`` of ``v_k`` on the client's own test split (averaged over the
+round's clients by the engine as ``client_trained_personal_*``). Then it trains the global
+copy from ``w^t``.
+
+Evaluation: the official metric (``personal_eval=all``, the default) is measured by the
+engine at every evaluation: every client's personal model on its own test split, correct
+predictions summed over all clients' test examples (``personal_accuracy``; also
+``personal_loss``, example-weighted), with clients never selected yet at the initial model
+``w^0`` — as the official code's ``test()``, whose personal models all start at ``w^0``.
+It needs per-client test splits (``partition=natural`` on data that has them); it costs
+one evaluation pass over every client's test split per evaluation, so ``personal_eval=off``
+leaves it out on very many clients.
 
 Minibatch order: both passes draw their shuffles from the same task generator state, so
 the global update is bit-identical to FedAvg's for the same task seed, and with
@@ -38,6 +48,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Literal
+
+import torch
 
 from roost.algorithms.base import (
     Algorithm,
@@ -62,10 +75,13 @@ __all__ = ["Ditto", "DittoConfig"]
 @dataclass(frozen=True)
 class DittoConfig(FedAvgConfig):
     """lam: λ >= 0, pull of the personal model towards w^t; personal_epochs: epochs of
-    personal-model training per task (local_epochs is the global model's)."""
+    personal-model training per task (local_epochs is the global model's); personal_eval:
+    ``all`` measures every client's personal model at each evaluation (the official
+    metric), ``off`` skips it."""
 
     lam: float = 1.0
     personal_epochs: int = 1
+    personal_eval: Literal["all", "off"] = "all"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,6 +111,12 @@ class Ditto(Algorithm):
     def work_examples(self, num_examples: int) -> int:
         return num_examples * (self.config.local_epochs + self.config.personal_epochs)
 
+    def evaluates_personal_models(self) -> bool:
+        return self.config.personal_eval == "all"
+
+    def personal_params(self, state: Tensors) -> torch.Tensor:
+        return state["personal"]
+
     def update(
         self,
         ctx: ClientContext,
@@ -116,7 +138,7 @@ class Ditto(Algorithm):
         metrics: dict[str, float] = {}
         if ctx.test_data is not None and len(ctx.test_data) > 0:
             loss, acc = evaluate(model.module, ctx.test_data)
-            metrics = {"personal_loss": loss, "personal_accuracy": acc}
+            metrics = {"trained_personal_loss": loss, "trained_personal_accuracy": acc}
         personal = model.scratch("ditto_personal")
         personal.copy_(model.params)
 

@@ -25,6 +25,12 @@ norm in the local loss (PFLlib's unsquared norm is not followed), the server's s
 P_t divided by N (all clients). The official code keeps ``−∇_k/α`` per client and sets
 ``θ^t = mean θ_k + mean_{all k}(−∇_k/α)``, which is the same recursion.
 
+Evaluation (``evaluate``): the official code reports the test accuracy of the mean of
+the round's client models, ``mean_{P_t} θ_k`` (its ``avg_model``), not of the "cloud"
+model ``θ^t`` that clients train from; ``evaluate=client_mean`` (the default) does the
+same, and ``evaluate=cloud`` measures ``θ^t`` instead. Before the first round, and after a
+round without clients, the last mean (initially ``θ^0``) is measured.
+
 Not reproduced from the official code: its per-client ``α_k = α · mean_j(n_j) / n_k``
 (identical to this rule when all clients hold the same number of examples) and its
 gradient-norm clipping at 10. The paper's α grid is {0.1, 0.01, 0.001}; 0.01 is the default.
@@ -35,7 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -62,9 +68,12 @@ __all__ = ["FedDyn", "FedDynConfig", "FedDynStrategy"]
 
 @dataclass(frozen=True)
 class FedDynConfig(ClientOptimConfig):
-    """alpha: dynamic-regularisation coefficient α > 0 (paper grid 0.1, 0.01, 0.001)."""
+    """alpha: dynamic-regularisation coefficient α > 0 (paper grid 0.1, 0.01, 0.001).
+    evaluate: which model the central evaluation measures: ``client_mean`` (the mean of
+    the round's client models, as the official code reports) or ``cloud`` (θ^t)."""
 
     alpha: float = 0.01
+    evaluate: Literal["client_mean", "cloud"] = "client_mean"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -73,16 +82,24 @@ class FedDynConfig(ClientOptimConfig):
 
 
 class FedDynStrategy(Strategy):
-    """``h ← h − α (|P|/N)(mean θ_k − θ)``, ``θ ← mean θ_k − h/α``; ``h`` is checkpointed."""
+    """``h ← h − α (|P|/N)(mean θ_k − θ)``, ``θ ← mean θ_k − h/α``; ``h`` and the last
+    client mean (what ``evaluate=client_mean`` measures) are checkpointed."""
 
-    def __init__(self, alpha: float) -> None:
+    def __init__(self, alpha: float, evaluate: str = "client_mean") -> None:
         super().__init__()
         self.alpha = alpha
+        self.evaluate = evaluate
         self.h = torch.empty(0)
+        self.client_mean = torch.empty(0)
 
     def initialize(self, params: torch.Tensor, num_clients: int = 0) -> None:
         super().initialize(params, num_clients)
         self.h = torch.zeros_like(self.params)
+        self.client_mean = self.params.clone()
+
+    @property
+    def eval_params(self) -> torch.Tensor:
+        return self.client_mean if self.evaluate == "client_mean" else self.params
 
     def step(self, round: int, contributions: Sequence[Contribution]) -> dict[str, float]:
         total = combine(contributions)
@@ -97,7 +114,8 @@ class FedDynStrategy(Strategy):
         mean = total.mean("params")
         drift = mean - self.params
         self.h = self.h - (self.alpha * total.count / n) * drift
-        new = mean.sub_(self.h, alpha=1.0 / self.alpha)
+        self.client_mean = mean
+        new = mean - self.h / self.alpha
         update_norm = float(torch.linalg.vector_norm(new - self.params))
         self.params = new
         self.version += 1
@@ -106,11 +124,13 @@ class FedDynStrategy(Strategy):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["h"] = self.h.clone()
+        state["client_mean"] = self.client_mean.clone()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self.h = state["h"].clone()
+        self.client_mean = state["client_mean"].clone()
 
 
 @register_algorithm("feddyn")
@@ -121,7 +141,7 @@ class FedDyn(Algorithm):
     config: FedDynConfig
 
     def make_strategy(self) -> Strategy:
-        return FedDynStrategy(self.config.alpha)
+        return FedDynStrategy(self.config.alpha, self.config.evaluate)
 
     def client_state_spec(self, num_params: int) -> dict[str, int]:
         return {"grad": num_params}

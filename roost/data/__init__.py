@@ -30,6 +30,7 @@ from roost.registry import ConfigError, Registry, check
 __all__ = [
     "AUTO",
     "DATA",
+    "NATURAL_CLIENTS",
     "PARTITIONERS",
     "ArrayFederatedDataset",
     "CentralData",
@@ -54,8 +55,13 @@ DATA: Registry[DataLoader] = Registry("data")
 AUTO = "auto"
 """Partition name meaning natural when the data has natural clients, else iid."""
 
+NATURAL_CLIENTS = "natural_clients"
+"""Tag of a data loader whose data comes in natural clients (writers, speakers, or data
+generated per client): selecting it on top of a preset gives ``partition=natural`` with
+every natural client unless the user sets ``partition`` or ``clients`` too."""
 
-@DATA.register("w1", W1DataConfig)
+
+@DATA.register("w1", W1DataConfig, tags=[NATURAL_CLIENTS])
 def _w1(cfg: W1DataConfig, clients: int | None, seed: int) -> W1Dataset:
     """W1's synthetic 28x28 images, generated per client (1000 clients unless set)."""
     n = W1_CLIENTS if clients is None else clients
@@ -74,13 +80,13 @@ def _mnist(cfg: MnistConfig, clients: int | None, seed: int) -> CentralData:
     return load_mnist_data(cfg, seed)
 
 
-@DATA.register("leaf", LeafConfig)
+@DATA.register("leaf", LeafConfig, tags=[NATURAL_CLIENTS])
 def _leaf(cfg: LeafConfig, clients: int | None, seed: int) -> CentralData:
     """LEAF JSON shards (e.g. FEMNIST) from data.path; one user = one client."""
     return load_leaf_data(cfg, seed)
 
 
-@DATA.register("text", TextConfig)
+@DATA.register("text", TextConfig, tags=[NATURAL_CLIENTS])
 def _text(cfg: TextConfig, clients: int | None, seed: int) -> CentralData:
     """A play as plain text (Tiny Shakespeare), one speaker = one client, next-char windows."""
     return load_text_data(cfg, seed)

@@ -91,6 +91,10 @@ class Runtime:
     def close(self) -> None:
         """Release processes and memory; safe to call twice."""
 
+    def abort(self) -> None:
+        """Stop at once after an error or Ctrl-C mid-round (worker processes are killed
+        rather than told to finish); :meth:`close` is called after it."""
+
     def state_dict(self) -> dict[str, Any]:
         """What the runtime has learned that a resumed run should keep (e.g. worker
         speeds); saved in every checkpoint. Empty for runtimes that learn nothing."""

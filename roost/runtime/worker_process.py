@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import time
 from typing import Any
 
@@ -30,7 +31,15 @@ from roost.runtime.workers_protocol import (
 )
 from roost.track.resources import peak_rss_mb, use_mmap_for_large_allocations
 
-__all__ = ["worker_loop"]
+__all__ = ["spawned_worker", "worker_loop"]
+
+
+def spawned_worker(rank: int, world_size: int, init_method: str, cfg: WorkersRuntimeConfig) -> None:
+    """The entry point of a worker process the server spawned: Ctrl-C in the terminal
+    reaches the whole process group, and only the server should answer it (it kills its
+    workers), so the worker ignores SIGINT instead of printing a traceback of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    worker_loop(rank, world_size, init_method, cfg)
 
 
 def worker_loop(rank: int, world_size: int, init_method: str, cfg: WorkersRuntimeConfig) -> None:

@@ -50,7 +50,7 @@ from roost.registry import ConfigError
 from roost.runtime.base import RUNTIMES, Job, Outcome, Runtime, Task
 from roost.runtime.device import available_gpus, default_worker_count, resolve_device
 from roost.runtime.schedule import Assignment, Scheduler, round_robin
-from roost.runtime.worker_process import worker_loop
+from roost.runtime.worker_process import spawned_worker, worker_loop
 from roost.runtime.workers_protocol import (
     BACKEND,
     RELAY_RANK,
@@ -113,7 +113,7 @@ class WorkersRuntime(Runtime):
             ctx = torch.multiprocessing.get_context("spawn")
             for rank in range(1, world):
                 p = ctx.Process(
-                    target=worker_loop,
+                    target=spawned_worker,
                     args=(rank, world, init_method, cfg),
                     daemon=True,
                     name=f"roost-worker-{rank}",
@@ -174,8 +174,13 @@ class WorkersRuntime(Runtime):
             float(job.algorithm.work_examples(job.dataset.num_examples(t.client_id))) for t in tasks
         ]
         plan = scheduler.plan(units)
+        # a prediction in seconds needs a measured worker; before that it is in units
+        predicted_s: float | None = (
+            plan.predicted_makespan_s if any(scheduler.observations) else None
+        )
         if self.config.placement == "round_robin":
             plan = Assignment(round_robin(units, self.num_workers), [], float("nan"))
+            predicted_s = None
         assignments = [[tasks[i] for i in idx] for idx in plan.per_worker]
         held = {w + 1: [t.client_id for t in a] for w, a in enumerate(assignments)}
         stateful = bool(job.algorithm.client_state_spec(self._num_params()))
@@ -221,7 +226,7 @@ class WorkersRuntime(Runtime):
         by_client = {cid: m for r in replies for cid, m in r.client_metrics}
         client_metrics = [(t.client_id, by_client.get(t.client_id, {})) for t in tasks]
         metrics = {
-            "predicted_makespan_s": plan.predicted_makespan_s,
+            "predicted_makespan_s": predicted_s,
             "makespan_s": max(busy, default=0.0),
             "worker_busy_s": busy,
             "worker_units": [sum(units[i] for i in idx) for idx in plan.per_worker],
@@ -279,6 +284,9 @@ class WorkersRuntime(Runtime):
                 message = f"a worker stopped answering during {what} ({e}); held: {dict(held)}"
             self._abort()
             raise WorkerFailure(message) from e
+
+    def abort(self) -> None:
+        self._abort()
 
     def _abort(self) -> None:
         for p in self.processes:

@@ -8,7 +8,9 @@ checkpoint (and a torn last line) are dropped, so the file always matches the mo
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,23 +28,68 @@ class RunDirError(ValueError):
     """The run directory cannot be used as asked (exists, missing, or damaged)."""
 
 
+def _finite_or_none(value: Any) -> Any:
+    """NaN and Inf are not JSON: a metric that is one is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    return value
+
+
 class RunDir:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self._made_dir: Path | None = None
+        self._made: list[Path] = []
 
     # ---- creation and reading
     def create(self, config: dict[str, Any]) -> None:
         """Start a run here. A directory whose run never finished a round (it failed at
         start: a bad device, a missing data file) holds nothing to lose and is reused."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"{self.path} is a file, not a run directory; choose another --out")
         metrics = self.path / METRICS
         if (self.path / CHECKPOINT).exists() or (metrics.exists() and metrics.stat().st_size):
             raise RunDirError(
                 f"{self.path} already holds a run; continue it with --resume {self.path} "
                 "or choose another --out"
             )
+        for parent in reversed(self.path.parents):
+            if parent.exists() and not parent.is_dir():
+                raise RunDirError(f"{self.path}: {parent} is a file, not a directory")
+        missing = [d for d in (self.path, *self.path.parents) if not d.exists()]
+        self._made_dir = missing[-1] if missing else None  # the topmost directory made here
         self.path.mkdir(parents=True, exist_ok=True)
+        for name in (CONFIG, METRICS):
+            if not (self.path / name).exists():
+                self._made.append(self.path / name)
         atomic_write_json(self.path / CONFIG, config)
         atomic_write_text(self.path / METRICS, "")
+
+    def made(self, name: str) -> None:
+        """Note that this run created ``name`` in the directory (e.g. the client-state
+        file), so that :meth:`discard` removes it with the rest."""
+        target = self.path / name
+        if target not in self._made:
+            self._made.append(target)
+
+    def discard(self) -> None:
+        """Undo :meth:`create` for a run that failed before its first round: remove the
+        directories this run made (``runs/`` too, if it made that), else only the files it
+        made (nothing of another run is touched; :meth:`create` refuses a directory that
+        holds one)."""
+        if self._made_dir is not None:
+            shutil.rmtree(self._made_dir, ignore_errors=True)
+        else:
+            for f in self._made:
+                if f.is_dir():
+                    shutil.rmtree(f, ignore_errors=True)
+                else:
+                    f.unlink(missing_ok=True)
+        self._made, self._made_dir = [], None
 
     def write_config(self, config: dict[str, Any]) -> None:
         """Replace ``config.json`` (atomically: a crash leaves the old or the new one)."""
@@ -77,7 +124,7 @@ class RunDir:
     # ---- during the run
     def append_metrics(self, record: dict[str, Any]) -> None:
         with open(self.path / METRICS, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.write(json.dumps(_finite_or_none(record), sort_keys=True, allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -107,4 +154,10 @@ class RunDir:
         return kept
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        atomic_write_json(self.path / SUMMARY, summary)
+        atomic_write_json(self.path / SUMMARY, _finite_or_none(summary))
+
+    def has_summary(self) -> bool:
+        return (self.path / SUMMARY).exists()
+
+    def has_checkpoint(self) -> bool:
+        return (self.path / CHECKPOINT).exists()

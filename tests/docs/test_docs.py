@@ -108,6 +108,23 @@ def test_every_example_in_the_doc_runs(doc, tmp_path, monkeypatch, isolated_regi
             continue
         found += 1
     assert found > 0 or doc.name == "benchmarks.md", f"{doc.name} has no runnable example"
+    if doc.name == "README.md":
+        assert_git_ignores_everything_in(tmp_path)
+
+
+def assert_git_ignores_everything_in(folder: Path) -> None:
+    """Everything the README's commands created is ignored by the repository's .gitignore,
+    so a newcomer following the tour in a clone sees a clean ``git status``."""
+    (folder / ".gitignore").write_text((ROOT / ".gitignore").read_text())
+    subprocess.run(["git", "init", "-q", str(folder)], check=True)
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert status == ["?? .gitignore"], status
 
 
 def test_readme_opens_with_the_demo_and_the_test_command():

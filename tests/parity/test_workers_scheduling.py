@@ -1,6 +1,12 @@
-"""The scheduler on real workers: a worker slowed 3x (``runtime.slowdown=1,3``, which
-the server sends to the workers at join) is measured about 3x slower per unit of work
-and, once measured, given less of it."""
+"""The scheduler on real workers: a worker slowed 4x (``runtime.slowdown=1,4``, which
+the server sends to the workers at join) is measured slower per unit of work and, once
+measured, given less of it.
+
+Timing on a shared machine: the slowed worker sleeps 3x its own measured compute, so its
+seconds per unit are 4 x c2 / c1 of the other's, where c2 / c1 is how fast the two workers'
+cores happened to compute. Another busy process can make one worker compute slower than
+the other (a 3x slowdown once measured 1.68x), so the bounds below hold for c2 / c1 down
+to 0.5, and the ratio is the median over the rounds rather than one round's."""
 
 from __future__ import annotations
 
@@ -16,7 +22,8 @@ OVERRIDES = [
     "eval_every=0",
     "runtime=workers",
     "workers=2",
-    "runtime.slowdown=1,3",
+    "runtime.slowdown=1,4",
+    "runtime.threads=1",
 ]
 
 
@@ -27,10 +34,18 @@ def test_a_slowed_worker_is_measured_slower_and_given_less_work(tmp_path):
     # within the largest client's size of each other).
     u1, u2 = first["worker_units"]
     assert abs(u1 - u2) <= max(u1, u2) / 2
-    # Seconds per unit: worker 2 sleeps twice its compute time after computing, so ~3x
-    # worker 1's. Both compute on one core each; 1.8 leaves room for timing noise.
-    spu = [b / u for b, u in zip(first["worker_busy_s"], first["worker_units"], strict=True)]
-    assert spu[1] / spu[0] > 1.8, spu
-    # From round 2 on the slow worker gets about a quarter of the work (1/(1+3)).
+    # Seconds per unit: worker 2 sleeps 3x its compute time after computing, so ~4x
+    # worker 1's; > 2 leaves room for one core computing at half the other's speed.
+    ratios = sorted(
+        (r["worker_busy_s"][1] / r["worker_units"][1])
+        / (r["worker_busy_s"][0] / r["worker_units"][0])
+        for r in history.records
+    )
+    assert ratios[len(ratios) // 2] > 2.0, ratios
+    # From round 2 on the slow worker gets about a fifth of the work (1/(1+4)); < 0.4
+    # holds while it is measured at least 1.5x slower.
     u1, u2 = last["worker_units"]
-    assert u2 < 0.45 * (u1 + u2), (u1, u2)
+    assert u2 < 0.4 * (u1 + u2), (u1, u2)
+    # Round 1 has no measured speed, so no prediction in seconds; later rounds have one.
+    assert first["predicted_makespan_s"] is None
+    assert last["predicted_makespan_s"] > 0

@@ -90,8 +90,10 @@ def test_round_one_by_hand() -> None:
     close(states[0]["personal"], [0.25, 0.5, -0.25, -0.5, 0.25, -0.25])
     close(states[1]["personal"], [-0.25, 0.25, 0.25, -0.25, -0.25, 0.25])
     close(strategy.params, [-1 / 12, 1 / 3, 1 / 12, -1 / 3, -1 / 12, 1 / 12])
-    assert metrics[0]["personal_loss"] == pytest.approx(math.log(1 + math.exp(-1)), abs=ATOL)
-    assert metrics[0]["personal_accuracy"] == 1.0
+    assert metrics[0]["trained_personal_loss"] == pytest.approx(
+        math.log(1 + math.exp(-1)), abs=ATOL
+    )
+    assert metrics[0]["trained_personal_accuracy"] == 1.0
     assert metrics[0]["local_steps"] == 1.0
     # B has no test split: no personal metrics, only the global training ones
     assert set(metrics[1]) == {"train_loss", "local_steps"}
@@ -133,8 +135,8 @@ def test_three_rounds_match_numpy_oracle(
             sizes.append(len(clients[k]))
             close(states[k]["personal"], v[k])
             loss, acc = np_linear_loss_acc(v[k], tests[k])
-            assert metrics[k]["personal_loss"] == pytest.approx(loss, abs=ATOL)
-            assert metrics[k]["personal_accuracy"] == acc
+            assert metrics[k]["trained_personal_loss"] == pytest.approx(loss, abs=ATOL)
+            assert metrics[k]["trained_personal_accuracy"] == acc
         for k, state in before.items():
             if k not in selected:  # not selected: personal model untouched
                 assert torch.equal(states[k]["personal"], state)

@@ -20,9 +20,116 @@ def test_override_selects_component_and_sets_its_fields():
     cfg = resolve(tree)
     assert cfg.name("algorithm") == "fedprox"
     assert cfg.config("algorithm").mu == 0.01
-    # quickstart's lr 0.1 belonged to fedavg; switching algorithm starts from its defaults
-    assert cfg.config("algorithm").lr == type(cfg.config("algorithm"))().lr
+    # quickstart's tuned local training (lr 0.2, batch 10, 5 epochs) survives the switch:
+    # fedprox takes the same three parameters
+    alg = cfg.config("algorithm")
+    assert (alg.lr, alg.batch_size, alg.local_epochs) == (0.2, 10, 5)
     assert cfg.run.rounds == 3
+    assert cfg.notes == ()
+
+
+def test_switching_drops_only_what_the_new_choice_does_not_take_and_says_so():
+    cfg = resolve(
+        apply_overrides(
+            load_config_source("quickstart"),
+            ["algorithm=fedprox", "algorithm.mu=0.1", "algorithm=fedadam", "model=cnn"],
+        )
+    )
+    alg = cfg.config("algorithm")
+    assert (cfg.name("algorithm"), alg.lr, alg.batch_size, alg.local_epochs) == (
+        "fedadam",
+        0.2,
+        10,
+        5,
+    )
+    # mlp's hidden=(64,) is not a width cnn takes (one int): dropped, cnn keeps 512
+    assert cfg.config("model").hidden == 512
+    assert cfg.notes == (
+        "algorithm=fedadam does not take mu=0.1 (set for fedprox); dropped",
+        "model=cnn does not take hidden=[64] (set for mlp); dropped",
+    )
+
+
+def test_a_field_set_after_the_switch_is_the_users_not_carried():
+    # a carried value is replaced by an explicit one; an explicit bad value still errors
+    cfg = resolve(
+        apply_overrides(load_config_source("quickstart"), ["model=cnn", "model.hidden=128"])
+    )
+    assert cfg.config("model").hidden == 128 and cfg.notes == ()
+    with pytest.raises(ConfigError, match=r"model.hidden=64,64: expected an integer"):
+        resolve(
+            apply_overrides(load_config_source("quickstart"), ["model=cnn", "model.hidden=64,64"])
+        )
+
+
+def test_runtime_field_set_before_selecting_the_runtime_survives():
+    cfg = resolve(
+        apply_overrides(load_config_source("quickstart"), ["runtime.device=cpu", "runtime=workers"])
+    )
+    assert (cfg.name("runtime"), cfg.config("runtime").device) == ("workers", "cpu")
+
+
+def _leaf_folder(tmp_path):
+    for split in ("train", "test"):
+        (tmp_path / split).mkdir()
+        data = {
+            "users": ["a", "b", "c"],
+            "num_samples": [2, 2, 2],
+            "user_data": {u: {"x": [[0.0, 1.0], [1.0, 0.0]], "y": [0, 1]} for u in "abc"},
+        }
+        (tmp_path / split / "d.json").write_text(json.dumps(data))
+    return tmp_path
+
+
+def test_data_with_natural_clients_gets_them_on_a_preset(tmp_path):
+    leaf = _leaf_folder(tmp_path)
+    cfg = resolve(
+        apply_overrides(load_config_source("quickstart"), ["data=leaf", f"data.path={leaf}"])
+    )
+    # quickstart's dirichlet into 100 clients is replaced by one client per writer
+    assert (cfg.name("partition"), cfg.run.clients) == ("natural", None)
+    assert cfg.notes == (
+        "data=leaf has natural clients, so the run uses partition=natural (not dirichlet) "
+        "and every natural client (not clients=100); set partition= or clients= to choose "
+        "otherwise",
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "partition", "clients"),
+    [
+        (["clients=2"], "natural", 2),  # the user's clients, natural partition
+        (["partition=iid"], "iid", 100),  # the user's partition keeps the preset's clients
+        (["partition=dirichlet"], "dirichlet", 100),
+    ],
+)
+def test_natural_data_follows_only_what_the_user_left_open(tmp_path, extra, partition, clients):
+    leaf = _leaf_folder(tmp_path)
+    tree = apply_overrides(load_config_source("quickstart"), [*extra, "data=leaf"])
+    cfg = resolve(apply_overrides(tree, [f"data.path={leaf}"]))
+    assert (cfg.name("partition"), cfg.run.clients) == (partition, clients)
+
+
+def test_data_without_natural_clients_keeps_the_presets_partition(tmp_path):
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(b"")  # never read: resolve only
+    cfg = resolve(
+        apply_overrides(load_config_source("quickstart"), ["data=mnist", f"data.path={tmp_path}"])
+    )
+    assert (cfg.name("partition"), cfg.run.clients, cfg.notes) == ("dirichlet", 100, ())
+
+
+def test_file_on_a_preset_switches_by_the_same_rules(tmp_path):
+    leaf = _leaf_folder(tmp_path / "leaf") if (tmp_path / "leaf").mkdir() is None else None
+    f = tmp_path / "run.toml"
+    f.write_text(
+        f'preset = "quickstart"\nalgorithm = "fedprox"\n[data]\nname = "leaf"\npath = "{leaf}"\n'
+    )
+    cfg = resolve(load_config_source(str(f)))
+    assert (cfg.config("algorithm").lr, cfg.name("partition"), cfg.run.clients) == (
+        0.2,
+        "natural",
+        None,
+    )
 
 
 def test_setting_a_field_keeps_the_presets_other_fields():

@@ -61,3 +61,16 @@ def test_loading_the_resident_vector_into_itself_is_refused():
     flat = FlatModel(_net())
     with pytest.raises(ValueError, match="aliases the resident model"):
         flat.load_(flat.params)
+
+
+def test_flatten_and_load_carry_no_autograd_history():
+    # flattening a module's own parameters (how w^0 is made) gave a tensor with a grad_fn;
+    # loading it made the resident model a non-leaf, and FedProx/Ditto's in-place
+    # corrections then failed ("functions with out=... don't support autograd")
+    module = nn.Linear(3, 2)
+    flat = ParamLayout.of(module).flatten(dict(module.named_parameters()))
+    assert not flat.requires_grad and flat.grad_fn is None
+    model = FlatModel(nn.Linear(3, 2))
+    model.load_(torch.ones(8, requires_grad=True) * 2)
+    assert model.params.grad_fn is None
+    assert torch.equal(model.params.detach(), torch.full((8,), 2.0))
