@@ -31,10 +31,12 @@ TARGET_WALL = {"cnn": 1.10, "mlp": 1.15}
 TARGET_RSS = 1.2
 
 
-def _measure(cmd: list[str], marker: str) -> tuple[float, float, str]:
-    """Run ``cmd``; return (seconds until a stdout line containing marker, peak RSS MiB,
-    that line)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def _measure(
+    cmd: list[str], marker: str, extra_env: dict[str, str] | None = None
+) -> tuple[float, float, str]:
+    """Run ``cmd`` (with ``extra_env`` added to the environment); return (seconds until a
+    stdout line containing marker, peak RSS MiB, that line)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None

@@ -250,13 +250,14 @@ def _list(args: argparse.Namespace) -> int:
         kinds.remove("run")
     for kind in kinds:
         print(f"{kind}:")
+        width = max([14, *(len(e.name) for e in registries[kind])])
         for entry in registries[kind]:
             fields = "  ".join(
                 f"{f.name}={_shown(f.default)}" for f in dataclasses.fields(entry.config_cls)
             )
-            print(f"  {entry.name:14s} {entry.summary}")
+            print(f"  {entry.name:{width}s} {entry.summary}")
             if fields:
-                print(f"  {'':14s} {fields}")
+                print(f"  {'':{width}s} {fields}")
     return 0
 
 
