@@ -36,7 +36,6 @@ def test_one_worker_per_gpu_over_nccl_matches_local_gpu(tmp_path, algorithm, sta
     local_h, local_p = final_run(tmp_path, "local", [*common, "runtime.device=cuda"])
     gpus = torch.cuda.device_count()
     for topology in ("relay", "star"):
-        # runtime=workers first: selecting a component drops its earlier parameters.
         workers = ["runtime=workers", "runtime.device=cuda", f"runtime.topology={topology}"]
         h, p = final_run(tmp_path, topology, [*common, *workers])
         assert h.final["worker_devices"] == [f"cuda:{i}" for i in range(gpus)]

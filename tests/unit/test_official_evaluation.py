@@ -128,17 +128,14 @@ def _ditto_oracle(cfg, out: Path) -> tuple[float, int]:
     return correct / examples, len(states)
 
 
+def _ditto_config(leaf: Path, *extra: str):
+    """Ditto on the writers of ``leaf``, 2 rounds, as a user would type it on the preset."""
+    base = ["algorithm=ditto", "data=leaf", f"data.path={leaf}", "rounds=2", "model.hidden=8"]
+    return resolve(apply_overrides(load_config_source("quickstart"), [*base, *extra]))
+
+
 def test_ditto_personal_accuracy_is_the_official_metric(tmp_path) -> None:
-    leaf = _leaf(tmp_path / "leaf")
-    overrides = [
-        "algorithm=ditto",
-        "data=leaf",
-        f"data.path={leaf}",
-        "clients_per_round=2",
-        "rounds=2",
-        "model.hidden=8",
-    ]
-    cfg = resolve(apply_overrides(load_config_source("quickstart"), overrides))
+    cfg = _ditto_config(_leaf(tmp_path / "leaf"), "clients_per_round=2")
     assert (cfg.name("partition"), cfg.run.clients) == ("natural", None)
     history = run(cfg, tmp_path / "run")
     final = history.final
@@ -154,24 +151,9 @@ def test_ditto_personal_accuracy_is_the_official_metric(tmp_path) -> None:
 
 def test_ditto_personal_metric_is_the_same_on_workers_with_disk_state(tmp_path) -> None:
     leaf = _leaf(tmp_path / "leaf")
-    base = [
-        "algorithm=ditto",
-        "data=leaf",
-        f"data.path={leaf}",
-        "clients_per_round=3",
-        "rounds=2",
-        "model.hidden=8",
-    ]
-    local = run(resolve(apply_overrides(load_config_source("quickstart"), base)))
-    workers = run(
-        resolve(
-            apply_overrides(
-                load_config_source("quickstart"),
-                [*base, "runtime=workers", "workers=2", "state_store=disk"],
-            )
-        ),
-        tmp_path / "w",
-    )
+    local = run(_ditto_config(leaf, "clients_per_round=3"))
+    on_workers = ["runtime=workers", "workers=2", "state_store=disk"]
+    workers = run(_ditto_config(leaf, "clients_per_round=3", *on_workers), tmp_path / "w")
     for a, b in zip(local.records, workers.records, strict=True):
         assert a["personal_accuracy"] == pytest.approx(b["personal_accuracy"], abs=1 / 48)
         assert a["personal_loss"] == pytest.approx(b["personal_loss"], rel=1e-4)

@@ -83,3 +83,13 @@ def test_tiny_shakespeare_by_speaker_with_char_lstm(tmp_path):
     )
     # 65 symbols: a model that learnt anything beats the uniform loss ln 65 ≈ 4.17.
     assert summary["final_loss"] < 4.17
+
+
+def test_femnist_on_the_quickstart_gets_one_client_per_writer(tmp_path, capsys):
+    # What a newcomer types: no partition, no clients. The staged shards hold 31 writers.
+    leaf = _need(SHARED / "femnist_leaf")
+    summary = _run(tmp_path, "data=leaf", f"data.path={leaf}", "model=cnn", "rounds=1")
+    assert summary["clients"] == 31
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["partition"]["name"], config["clients"]) == ("natural", None)
+    assert "roost: note: data=leaf has natural clients" in capsys.readouterr().err
