@@ -94,9 +94,7 @@ def main() -> None:
                 for threads in order:
                     wall = roost_wall(workload, threads)
                     walls.setdefault((workload, state, threads), []).append(wall)
-                    print(
-                        f"rep {rep} {workload} {state} threads={threads}: {wall:.2f}s", flush=True
-                    )
+                    print(f"rep {rep} {workload} {state} {threads}: {wall:.2f}s", flush=True)
     print(
         f"\n{'workload':11s} {'machine':7s} {'floor':>7s} "
         + " ".join(f"{t:>14s}" for t in settings)

@@ -88,7 +88,10 @@ class RunConfig:
             computed.
         deadline_s: a round's deadline in virtual seconds; clients that would arrive later
             are dropped before they are computed (None: no deadline).
-        threads: torch intra-op threads (None: torch's default).
+        threads: torch intra-op threads of this process (None: one for a model of under
+            1 M multiply-adds per example, else torch's default of one per core; see
+            :mod:`roost.runtime.threads`). Worker processes set their own
+            (``runtime.threads``).
         state_store: where stateful algorithms keep per-client state between rounds:
             ``memory`` (this process), or ``disk`` (fixed-size slots in
             ``client_state.bin`` in the run directory; resident memory does not grow with

@@ -21,6 +21,7 @@ from roost.engine import Callback, Engine, History
 from roost.errors import Diverged
 from roost.registry import ConfigError
 from roost.runtime.base import RUNTIMES, Job
+from roost.runtime.threads import default_threads
 from roost.state import ClientStateStore, make_state_store
 from roost.state.base import STATE_FILE_NAME
 from roost.system import build_system
@@ -132,12 +133,33 @@ def _execute(
     progress: bool,
     callbacks: Sequence[Callback],
 ) -> History:
+    """Run with the config's torch thread count, and give the caller back its own
+    (``torch.set_num_threads`` is process-wide: a later run in the same process, or the
+    caller's own torch code, must not inherit it)."""
+    threads_before = torch.get_num_threads()
+    if cfg.run.threads is not None:
+        torch.set_num_threads(cfg.run.threads)
+    try:
+        return _execute_run(cfg, rundir, checkpoint, progress, callbacks)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _execute_run(
+    cfg: ResolvedConfig,
+    rundir: RunDir | None,
+    checkpoint: dict[str, Any] | None,
+    progress: bool,
+    callbacks: Sequence[Callback],
+) -> History:
     started = time.perf_counter()
     rc = cfg.run
-    if rc.threads is not None:
-        torch.set_num_threads(rc.threads)
     parts = build_parts(cfg)
     dataset, algorithm = parts.dataset, parts.algorithm
+    if rc.threads is None:
+        threads = default_threads(parts.build_module(), dataset.info)
+        if threads is not None:
+            torch.set_num_threads(threads)
     init = initial_params(cfg, parts)
     num_params = init.numel()
     strategy = algorithm.make_strategy()

@@ -131,8 +131,8 @@ class Contribution:
     float32 product ``w_i x_i`` is exact in float64 and the rounding of the sum is ~1e-16
     relative, so the float32 mean is the same whichever way the clients were grouped
     (local runtime, 2 or 3 workers) except at rare rounding ties. In float32 the grouping
-    would change the last bits, which optimisers such as FedAdam (``Δ / (sqrt(v) + τ)``
-    with τ = 1e-9) turn into visibly different models.
+    would change the last bits, which optimisers such as FedAdam (``Δ / (sqrt(v) + τ)``,
+    visibly so with a small τ such as Flower's 1e-9) turn into different models.
     """
 
     __slots__ = ("_scratch", "clients", "count", "scalar_sums", "sums", "weight")

@@ -18,10 +18,31 @@ numpy strategies (``src/py/flwr/server/strategy/{fedadagrad,fedadam,fedyogi}.py`
 correction, and ``m`` and ``v`` start at zero for all three — also for FedYogi, so its first
 step has ``sign(0 − Δ²) = −1`` and ``v_1 = (1 − β2) Δ_1²`` (where ``Δ_1 = 0``, sign(0) = 0
 and v stays 0). The paper's Algorithm 2 instead lets ``v_{−1} ≥ τ²``; that variant is not
-offered. Defaults are Flower's: FedAdagrad η = 0.1, τ = 1e-9, β1 = 0 (``m_t = Δ_t``;
-Flower fixes it, here it may be set); FedAdam η = 0.1, β1 = 0.9, β2 = 0.99, τ = 1e-9; FedYogi
-η = 0.01, β1 = 0.9, β2 = 0.99, τ = 1e-3. The local learning rate keeps the shared default
-(Flower's ``eta_l`` is only a value it forwards to clients).
+offered.
+
+Defaults are *not* Flower's: all three use η = 0.03, τ = 1e-3, β1 = 0.9 (β2 = 0.99 for
+FedAdam and FedYogi), a point of the paper's grid (server lr 10^{-3..1} in half-decade
+steps, τ in {1e-1, ..., 1e-5}, β1 = 0.9, β2 = 0.99). Flower's FedAdam and FedAdagrad
+defaults (η = 0.1, τ = 1e-9) blow up a CNN: with τ ≈ 0 the first step
+``η m_1 / (sqrt(v_1) + τ)`` is ``η (1 − β1) / sqrt(1 − β2) · sign(Δ) = ±η`` on every
+weight, whatever its Δ. In general the round-1 step is
+``η (1 − β1) |Δ| / (sqrt(1 − β2) |Δ| + τ)`` per coordinate (FedAdagrad: sqrt(v_1) = |Δ|,
+as if β2 = 0), so with these defaults it is at most ``min(η, 3|Δ|)`` for FedAdam/FedYogi
+and ``min(η/10, 3|Δ|)`` for FedAdagrad; later, coordinates with ``sqrt(v) ≪ τ`` step by
+about ``(η/τ) m``, a scaled-up FedAvg step. Flower also fixes FedAdagrad's β1 = 0
+(``m_t = Δ_t``, a 10× larger first step); here it is a setting, and its default is 0.9
+because β1 = 0 made FEMNIST's CNN jump to a round-1 test loss of ~200 and reach only
+0.18 / 0.31 with (η, τ) = (0.03, 1e-3) / (0.1, 1e-2). Flower's FedYogi (η = 0.01,
+τ = 1e-3) is sound, only slower.
+
+Measured (seed 0, 30 rounds, local lr 0.05, B 20, E 1): on FEMNIST's CNN (31 writers)
+FedAdam 0.58, FedYogi 0.55, FedAdagrad 0.60 vs 0.06 with Flower's FedAdam/FedAdagrad
+defaults (round-1 test loss ≈ 1.6e5), 0.52 with Flower's FedYogi and 0.15 for FedAvg; on
+the quickstart preset (digits, MLP) 0.83 / 0.84 / 0.81 vs FedAvg's 0.36, and with the
+preset's local settings (lr 0.2, B 10, E 5) 0.93 / 0.93 / 0.89 vs FedAvg's 0.91. On
+FEMNIST FedAdam/FedYogi's round-1 test loss is 7.1 (FedAvg's 3.5), recovered the next
+round; FedAdagrad's is 3.5. The local learning rate keeps the shared default (Flower's
+``eta_l`` is only a value it forwards to clients).
 
 The three algorithms share one server optimiser, :class:`FedOptStrategy`, parameterised
 by the second-moment rule; ``m`` and ``v`` are part of its state dict.
@@ -66,11 +87,14 @@ SecondMomentRule = Literal["adagrad", "adam", "yogi"]
 
 @dataclass(frozen=True)
 class _ServerOptConfig(FedAvgConfig):
-    """server_lr: η; beta1: momentum β1 of the pseudo-gradient; tau: adaptivity τ."""
+    """server_lr: η; beta1: momentum β1 of the pseudo-gradient; tau: adaptivity τ.
 
-    server_lr: float = 0.1
+    The defaults are shared by FedAdagrad, FedAdam and FedYogi (see the module docstring).
+    """
+
+    server_lr: float = 0.03
     beta1: float = 0.9
-    tau: float = 1e-9
+    tau: float = 1e-3
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -86,11 +110,15 @@ class _ServerOptConfig(FedAvgConfig):
 
 @dataclass(frozen=True)
 class FedAdagradConfig(_ServerOptConfig):
-    """FedAdagrad: Flower's defaults η = 0.1, τ = 1e-9, β1 = 0 (m_t = Δ_t)."""
+    """FedAdagrad: defaults η = 0.03, τ = 1e-3, β1 = 0.9 (Flower: η = 0.1, τ = 1e-9, β1 = 0).
 
-    server_lr: float = 0.1
-    beta1: float = 0.0
-    tau: float = 1e-9
+    Flower's move every weight by ±η in round 1 and stay at 0.06 accuracy on FEMNIST's CNN
+    (30 rounds), where these reach 0.60 and FedAvg 0.15; see the module docstring.
+    """
+
+    server_lr: float = 0.03
+    beta1: float = 0.9
+    tau: float = 1e-3
 
 
 @dataclass(frozen=True)
@@ -106,19 +134,27 @@ class _SecondMomentConfig(_ServerOptConfig):
 
 @dataclass(frozen=True)
 class FedAdamConfig(_SecondMomentConfig):
-    """FedAdam: Flower's defaults η = 0.1, β1 = 0.9, β2 = 0.99, τ = 1e-9."""
+    """FedAdam: defaults η = 0.03, β1 = 0.9, β2 = 0.99, τ = 1e-3 (Flower: η = 0.1, τ = 1e-9).
 
-    server_lr: float = 0.1
+    Flower's move every weight by ±η in round 1 and stay at 0.06 accuracy on FEMNIST's CNN
+    (30 rounds), where these reach 0.58 and FedAvg 0.15; see the module docstring.
+    """
+
+    server_lr: float = 0.03
     beta1: float = 0.9
     beta2: float = 0.99
-    tau: float = 1e-9
+    tau: float = 1e-3
 
 
 @dataclass(frozen=True)
 class FedYogiConfig(_SecondMomentConfig):
-    """FedYogi: Flower's defaults η = 0.01, β1 = 0.9, β2 = 0.99, τ = 1e-3."""
+    """FedYogi: defaults η = 0.03, β1 = 0.9, β2 = 0.99, τ = 1e-3 (Flower: η = 0.01).
 
-    server_lr: float = 0.01
+    Flower's learn too, a little slower: on FEMNIST's CNN (30 rounds) 0.52 accuracy against
+    0.55 with these and 0.15 for FedAvg; see the module docstring.
+    """
+
+    server_lr: float = 0.03
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3

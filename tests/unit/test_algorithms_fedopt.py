@@ -3,11 +3,15 @@
 The strategies are fed Contributions built directly (no training). Round 1 is written out
 by hand below; rounds 2-3 come from :func:`flower_reference`, an independent float64 numpy
 transcription of Flower's classic strategies (``flwr/server/strategy/fed{adagrad,adam,
-yogi}.py``: no bias correction, m = v = 0 at the start).
+yogi}.py``: no bias correction, m = v = 0 at the start). They are checked both with
+Flower's default hyperparameters (passed explicitly) and with roost's own defaults, which
+differ (roost/algorithms/fedopt.py; tests/unit/test_fedopt_defaults_learn.py).
 
 Round 1: w^0 = [1, -0.5, 0]; clients [1.25, -0.5, 0.75] (weight 1) and [1.75, -0.25, -0.25]
 (weight 3); mean = [6.5/4, -1.25/4, 0/4] = [1.625, -0.3125, 0]; Δ_1 = [0.625, 0.1875, 0].
 (Dyadic numbers, so float32 holds Δ_1 exactly and its last coordinate is exactly 0.)
+
+With Flower's defaults:
 
 * FedAdagrad (η 0.1, β1 0, τ 1e-9): m = Δ, v = Δ², step η Δ/(|Δ| + τ) ≈ η sign(Δ)
   → w^1 = [1.1, -0.4, 0.0] (the 0 coordinate: 0/(0 + τ) = 0).
@@ -18,6 +22,14 @@ Round 1: w^0 = [1, -0.5, 0]; clients [1.25, -0.5, 0.75] (weight 1) and [1.75, -0
   m = 0.1 Δ = [0.0625, 0.01875, 0]; sqrt(v) = [0.0625, 0.01875, 0];
   step = 0.01 [0.0625/0.0635, 0.01875/0.01975, 0/0.001] = [0.00984252, 0.00949367, 0]
   → w^1 = [1.0098425196850394, -0.4905063291139241, 0.0].
+
+With roost's defaults (η 0.03, β1 0.9, τ 1e-3 for all three; β2 0.99):
+
+* FedAdagrad: m = 0.1 Δ, v = Δ², step = 0.03 [0.0625/0.626, 0.01875/0.1885, 0/0.001]
+  = [0.00299521, 0.00298408, 0] → w^1 = [1.0029952076677315, -0.4970159151193634, 0.0].
+* FedAdam and FedYogi (the same in round 1, as above): sqrt(v) = 0.1 |Δ|,
+  step = 0.03 [0.0625/0.0635, 0.01875/0.01975, 0] = [0.0295276, 0.0284810, 0]
+  → w^1 = [1.029527559055118, -0.47151898734177217, 0.0].
 
 Round 3 is chosen so that Yogi's sign(v − Δ²) is +1 on two coordinates (v shrinks there)
 and −1 on the other; round 1 covers sign 0.
@@ -49,16 +61,26 @@ ROUNDS = [
     [([1.0, -0.1, 0.5], 2.0), ([1.4, -0.6, -0.1], 2.0)],
     [([1.0, -0.3, 0.1], 1.0), ([1.1, -0.45, 0.3], 1.0), ([1.05, -0.2, -0.2], 2.0)],
 ]
-ROUND1 = {
+ROUND1_FLOWER = {
     "fedadagrad": [1.1, -0.4, 0.0],
     "fedadam": [1.1, -0.4, 0.0],
     "fedyogi": [1.0098425196850394, -0.4905063291139241, 0.0],
 }
+ROUND1_DEFAULTS = {
+    "fedadagrad": [1.0029952076677315, -0.4970159151193634, 0.0],
+    "fedadam": [1.029527559055118, -0.47151898734177217, 0.0],
+    "fedyogi": [1.029527559055118, -0.47151898734177217, 0.0],
+}
+# name: (η, β1, β2, τ); FedAdagrad has no β2 (Flower passes 0 and never reads it)
 FLOWER_DEFAULTS = {
-    # name: (η, β1, β2, τ); FedAdagrad has no β2 (Flower passes 0 and never reads it)
     "fedadagrad": (0.1, 0.0, 0.0, 1e-9),
     "fedadam": (0.1, 0.9, 0.99, 1e-9),
     "fedyogi": (0.01, 0.9, 0.99, 1e-3),
+}
+ROOST_DEFAULTS = {
+    "fedadagrad": (0.03, 0.9, 0.0, 1e-3),
+    "fedadam": (0.03, 0.9, 0.99, 1e-3),
+    "fedyogi": (0.03, 0.9, 0.99, 1e-3),
 }
 RULE = {"fedadagrad": "adagrad", "fedadam": "adam", "fedyogi": "yogi"}
 
@@ -94,22 +116,38 @@ def run_strategy(strategy, rounds=ROUNDS, w0=W0):
     return out
 
 
-@pytest.mark.parametrize("name", ["fedadagrad", "fedadam", "fedyogi"])
-def test_three_rounds_with_flower_defaults(name: str) -> None:
-    entry = ALGORITHMS.get(name)
-    cfg = entry.config_cls()
-    eta, beta1, beta2, tau = FLOWER_DEFAULTS[name]
-    assert (cfg.server_lr, cfg.beta1, cfg.tau) == (eta, beta1, tau)
-    assert getattr(cfg, "beta2", 0.0) == beta2
+def config_with(name: str, eta: float, beta1: float, beta2: float, tau: float):
+    extra = {} if name == "fedadagrad" else {"beta2": beta2}
+    return ALGORITHMS.get(name).config_cls(server_lr=eta, beta1=beta1, tau=tau, **extra)
 
-    got = run_strategy(entry.factory(cfg).make_strategy())
+
+def check_three_rounds(name: str, cfg, params, round1) -> None:
+    eta, beta1, beta2, tau = params
+    got = run_strategy(ALGORITHMS.get(name).factory(cfg).make_strategy())
     expected = flower_reference(RULE[name], W0, ROUNDS, eta, beta1, beta2, tau)
     # the reference agrees with the hand-derived round 1 ...
-    np.testing.assert_allclose(expected[0], ROUND1[name], rtol=0, atol=1e-7)
+    np.testing.assert_allclose(expected[0], round1, rtol=0, atol=1e-7)
     # ... and the strategy with both, round by round
-    np.testing.assert_allclose(got[0].double().numpy(), ROUND1[name], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got[0].double().numpy(), round1, rtol=0, atol=1e-6)
     for r in range(3):
         np.testing.assert_allclose(got[r].double().numpy(), expected[r], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["fedadagrad", "fedadam", "fedyogi"])
+def test_three_rounds_with_flower_defaults(name: str) -> None:
+    # Flower's defaults, set explicitly: the strategy is Flower's numpy strategy.
+    params = FLOWER_DEFAULTS[name]
+    check_three_rounds(name, config_with(name, *params), params, ROUND1_FLOWER[name])
+
+
+@pytest.mark.parametrize("name", ["fedadagrad", "fedadam", "fedyogi"])
+def test_three_rounds_with_roost_defaults(name: str) -> None:
+    cfg = ALGORITHMS.get(name).config_cls()
+    eta, beta1, beta2, tau = params = ROOST_DEFAULTS[name]
+    assert (cfg.server_lr, cfg.beta1, cfg.tau) == (eta, beta1, tau)
+    assert getattr(cfg, "beta2", 0.0) == beta2
+    assert cfg == config_with(name, *params)
+    check_three_rounds(name, cfg, params, ROUND1_DEFAULTS[name])
 
 
 def test_yogi_sign_cases_are_covered() -> None:

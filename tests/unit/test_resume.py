@@ -59,6 +59,7 @@ def test_resume_after_sigkill_of_a_real_run(tmp_path, start_run_until_round, res
         "model=cnn",
         "algorithm=fedadam",
         "algorithm.local_epochs=3",
+        "algorithm.lr=0.05",  # the preset's lr 0.2 is tuned for its MLP, not for the CNN
     ]
     cfg = resolve(apply_overrides(load_config_source("quickstart"), overrides))
     run(cfg, tmp_path / "full")
@@ -138,3 +139,16 @@ def test_cli_resume_takes_overrides_but_no_preset(tmp_path, capsys):
     assert main(["run", "--resume", str(tmp_path / "cut"), "threads=1", "--quiet"]) == 0
     assert [r["round"] for r in _records(tmp_path / "cut")] == [1, 2, 3, 4]
     assert json.loads((tmp_path / "cut" / "config.json").read_text())["threads"] == 1
+
+
+def test_a_runs_thread_count_does_not_leak_into_the_caller():
+    # torch.set_num_threads is process-wide; a run with threads=1 used to leave it at 1,
+    # so a later run in the same process computed with other float rounding
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # a known caller setting, unlike the run's 1
+    try:
+        cfg = resolve(apply_overrides(load_config_source("quickstart"), [*OVERRIDES, "threads=1"]))
+        run(cfg)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
