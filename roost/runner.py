@@ -223,7 +223,6 @@ def _execute_run(
     if progress:
         print(describe_run(cfg, dataset.num_clients), file=sys.stderr)
         engine.callbacks.append(ProgressBar(rc.rounds))
-    status = "completed"
     try:
         if not finished:  # a finished run resumed starts no processes
             runtime.start(Job(algorithm, dataset, parts.build_module, store, cfg.to_dict()))
@@ -231,12 +230,11 @@ def _execute_run(
                 runtime.load_state_dict(checkpoint.get("runtime", {}))
             engine.run(start_round, history)
     except Diverged as e:
-        status = "diverged"
         if rundir is not None and rundir.has_checkpoint():
             rundir.write_summary(
                 {
                     **summarize(history, engine.wall_offset_s + time.perf_counter() - started),
-                    "status": status,
+                    "status": "diverged",
                     "error": str(e),
                 }
             )

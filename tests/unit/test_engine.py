@@ -12,6 +12,7 @@ from roost.algorithms.base import ALGORITHMS, Contribution, Strategy
 from roost.config import RunConfig
 from roost.data import build_dataset
 from roost.engine import Engine
+from roost.errors import RoostWarning
 from roost.models import MODELS, build_model
 from roost.params import ParamLayout
 from roost.runtime.base import Job, Task
@@ -99,7 +100,9 @@ def test_a_deadline_nobody_meets_leaves_the_model_and_advances_to_the_deadline()
     run = RunConfig(rounds=2, clients=10, clients_per_round=3, deadline_s=0.5, eval_every=0)
     engine, runtime, _, _ = _engine(run, system)
     before = engine.strategy.params.clone()
-    history = engine.run()
+    with pytest.warns(RoostWarning, match=r"^round 1: none of the 3 selected clients") as caught:
+        history = engine.run()
+    assert len(caught) == 1  # once per run, not once per empty round
     assert runtime.computed == [[], []]
     assert torch.equal(engine.strategy.params, before)
     assert [rec["virtual_time_s"] for rec in history.records] == [0.5, 1.0]
