@@ -93,3 +93,14 @@ def test_femnist_on_the_quickstart_gets_one_client_per_writer(tmp_path, capsys):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (config["partition"]["name"], config["clients"]) == ("natural", None)
     assert "roost: note: data=leaf has natural clients" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_femnist_with_the_readmes_cnn_settings_reaches_its_accuracy(tmp_path):
+    # The README: `quickstart data=leaf data.path=... model=cnn algorithm.lr=0.05` (30
+    # rounds, 10 of 31 writers a round, batch 10, 5 epochs). Measured 0.7915 (seed 0);
+    # 0.7 leaves room for other machines' float rounding.
+    leaf = _need(SHARED / "femnist_leaf")
+    summary = _run(tmp_path, "data=leaf", f"data.path={leaf}", "model=cnn", "algorithm.lr=0.05")
+    assert summary["clients"] == 31
+    assert summary["final_accuracy"] >= 0.7
