@@ -13,8 +13,9 @@ A synchronous round ``r`` starting at virtual time ``t0``:
    round ends when the last counted client arrives (or at the deadline, if fewer than
    ``m`` made it), and the strategy steps.
 
-After the step the global model is checked: a NaN or Inf in it raises :class:`Diverged`
-naming the round (the run stops; nothing of that round is recorded). A round in which
+After the step the global model is checked: a NaN or Inf in it, or a server metric or
+mean train loss that overflowed, raises :class:`Diverged` naming the round (the run
+stops; nothing of that round is recorded). A round in which
 every selected client was dropped leaves the model unchanged and warns (once per run;
 ``clients == 0`` in its record). The run stops early after the first round that reaches
 ``target_accuracy`` or ends at or past ``virtual_time_budget_s``; its record then says
@@ -222,11 +223,12 @@ class Engine:
         record.update(client_metric_means(outcome.client_metrics))
         record.update(outcome.metrics)
         record["accuracy"] = record["loss"] = None
-        if self._test is not None and self._due_eval(r):
-            loss, acc = self.runtime.evaluate(self.strategy.eval_params, self._test)
-            record["accuracy"], record["loss"] = acc, loss
-        if self._due_eval(r) and self.algorithm.evaluates_personal_models():
-            record.update(self.evaluate_personal())
+        if self._due_eval(r):
+            if self._test is not None:
+                loss, acc = self.runtime.evaluate(self.strategy.eval_params, self._test)
+                record["accuracy"], record["loss"] = acc, loss
+            if self.algorithm.evaluates_personal_models():
+                record.update(self.evaluate_personal())
             record["wall_time_s"] = self.wall_offset_s + (time.perf_counter() - wall_start)
         return record
 

@@ -116,10 +116,6 @@ class FedAdagradConfig(_ServerOptConfig):
     (30 rounds), where these reach 0.60 and FedAvg 0.15; see the module docstring.
     """
 
-    server_lr: float = 0.03
-    beta1: float = 0.9
-    tau: float = 1e-3
-
 
 @dataclass(frozen=True)
 class _SecondMomentConfig(_ServerOptConfig):
@@ -140,11 +136,6 @@ class FedAdamConfig(_SecondMomentConfig):
     (30 rounds), where these reach 0.58 and FedAvg 0.15; see the module docstring.
     """
 
-    server_lr: float = 0.03
-    beta1: float = 0.9
-    beta2: float = 0.99
-    tau: float = 1e-3
-
 
 @dataclass(frozen=True)
 class FedYogiConfig(_SecondMomentConfig):
@@ -153,11 +144,6 @@ class FedYogiConfig(_SecondMomentConfig):
     Flower's learn too, a little slower: on FEMNIST's CNN (30 rounds) 0.52 accuracy against
     0.55 with these and 0.15 for FedAvg; see the module docstring.
     """
-
-    server_lr: float = 0.03
-    beta1: float = 0.9
-    beta2: float = 0.99
-    tau: float = 1e-3
 
 
 class FedOptStrategy(Strategy):

@@ -7,8 +7,8 @@ enough arithmetic to split: measured on 2 cores (``benchmarks/threads.py``, docs
   example) run as fast or faster on one thread on an idle machine, and 1.4-2.4x faster
   when another process keeps a core busy, since every parallel region then waits for the
   thread that shares its core;
-* W1's CNN (12 M multiply-adds per example) runs 1.55x faster on two threads when the
-  machine is idle, and 2.2x slower when a core is busy.
+* W1's CNN (12 M multiply-adds per example) runs 1.4x faster on two threads when the
+  machine is idle, and 2.3x slower when a core is busy.
 
 So the default is one thread for models under :data:`SMALL_MACS` multiply-adds per
 example, and torch's default otherwise. The rule looks only at the model, never at the

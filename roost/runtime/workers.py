@@ -282,13 +282,10 @@ class WorkersRuntime(Runtime):
                 message = "; ".join(parts)
             else:
                 message = f"a worker stopped answering during {what} ({e}); held: {dict(held)}"
-            self._abort()
+            self.abort()
             raise WorkerFailure(message) from e
 
     def abort(self) -> None:
-        self._abort()
-
-    def _abort(self) -> None:
         for p in self.processes:
             if p.is_alive():
                 p.kill()

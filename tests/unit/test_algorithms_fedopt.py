@@ -121,23 +121,29 @@ def config_with(name: str, eta: float, beta1: float, beta2: float, tau: float):
     return ALGORITHMS.get(name).config_cls(server_lr=eta, beta1=beta1, tau=tau, **extra)
 
 
-def check_three_rounds(name: str, cfg, params, round1) -> None:
+def three_rounds(name: str, cfg, params) -> tuple[np.ndarray, np.ndarray]:
+    """(the strategy's models, Flower's reference models) after each of the 3 rounds."""
     eta, beta1, beta2, tau = params
     got = run_strategy(ALGORITHMS.get(name).factory(cfg).make_strategy())
     expected = flower_reference(RULE[name], W0, ROUNDS, eta, beta1, beta2, tau)
+    return np.stack([g.double().numpy() for g in got]), np.stack(expected)
+
+
+def assert_matches_reference_and_round1(got, expected, round1) -> None:
     # the reference agrees with the hand-derived round 1 ...
     np.testing.assert_allclose(expected[0], round1, rtol=0, atol=1e-7)
     # ... and the strategy with both, round by round
-    np.testing.assert_allclose(got[0].double().numpy(), round1, rtol=0, atol=1e-6)
-    for r in range(3):
-        np.testing.assert_allclose(got[r].double().numpy(), expected[r], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got[0], round1, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["fedadagrad", "fedadam", "fedyogi"])
 def test_three_rounds_with_flower_defaults(name: str) -> None:
     # Flower's defaults, set explicitly: the strategy is Flower's numpy strategy.
     params = FLOWER_DEFAULTS[name]
-    check_three_rounds(name, config_with(name, *params), params, ROUND1_FLOWER[name])
+    got, expected = three_rounds(name, config_with(name, *params), params)
+    assert got.shape == expected.shape == (3, 3)
+    assert_matches_reference_and_round1(got, expected, ROUND1_FLOWER[name])
 
 
 @pytest.mark.parametrize("name", ["fedadagrad", "fedadam", "fedyogi"])
@@ -147,7 +153,9 @@ def test_three_rounds_with_roost_defaults(name: str) -> None:
     assert (cfg.server_lr, cfg.beta1, cfg.tau) == (eta, beta1, tau)
     assert getattr(cfg, "beta2", 0.0) == beta2
     assert cfg == config_with(name, *params)
-    check_three_rounds(name, cfg, params, ROUND1_DEFAULTS[name])
+    got, expected = three_rounds(name, cfg, params)
+    assert got.shape == expected.shape == (3, 3)
+    assert_matches_reference_and_round1(got, expected, ROUND1_DEFAULTS[name])
 
 
 def test_yogi_sign_cases_are_covered() -> None:

@@ -155,3 +155,23 @@ def test_task_seeds_depend_only_on_seed_client_and_dispatch():
     assert task_seed(0, 5, 1) == task_seed(0, 5, 1)
     assert len({task_seed(0, c, r) for c in range(50) for r in range(1, 5)}) == 200
     assert Task(5, 1, 0, task_seed(0, 5, 1)).group == 0
+
+
+def test_wall_time_of_an_evaluated_round_includes_its_evaluation():
+    # A runtime whose evaluation takes 0.3 s: the round's wall_time_s is taken after it.
+    import time
+
+    class SlowEval(RecordingRuntime):
+        def evaluate(self, params, data):
+            time.sleep(0.3)
+            return super().evaluate(params, data)
+
+    run = RunConfig(rounds=1, clients=10, clients_per_round=2, eval_every=1)
+    engine, _, _, _ = _engine(run, HomogeneousSystem(HomogeneousConfig()))
+    slow = SlowEval()
+    slow.start(engine.runtime._job)
+    engine.runtime = slow
+    started = time.perf_counter()
+    record = engine.run().final
+    assert record["accuracy"] is not None
+    assert 0.3 <= record["wall_time_s"] <= time.perf_counter() - started
