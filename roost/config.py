@@ -77,7 +77,8 @@ class RunConfig:
     """The run's own settings.
 
     Attributes:
-        rounds: number of server rounds.
+        rounds: number of server steps: synchronous rounds, or the steps of an
+            asynchronous method (FedAsync steps on every arrival, FedBuff every K).
         clients: number of clients (None: as many as the data defines).
         clients_per_round: cohort size m; the round ends when m clients have reported.
         seed: seeds every random stream of the run.
@@ -88,6 +89,10 @@ class RunConfig:
             computed.
         deadline_s: a round's deadline in virtual seconds; clients that would arrive later
             are dropped before they are computed (None: no deadline).
+        late_results: what happens to a synchronous round's results that arrive after
+            the round ended (past its deadline, or beyond the first ``clients_per_round``):
+            ``drop`` them before they are computed, or ``carry`` them into the round
+            during which they arrive, with their staleness (semi-asynchronous rounds).
         threads: torch intra-op threads of this process (None: one for a model of under
             1 M multiply-adds per example, else torch's default of one per core; see
             :mod:`roost.runtime.threads`). Worker processes set their own
@@ -114,6 +119,7 @@ class RunConfig:
     eval_every: int = 1
     over_selection: float = 0.0
     deadline_s: float | None = None
+    late_results: Literal["drop", "carry"] = "drop"
     threads: int | None = None
     state_store: Literal["memory", "disk"] = "memory"
     imports: tuple[str, ...] = ()
@@ -140,6 +146,12 @@ class RunConfig:
             "deadline_s",
             self.deadline_s,
             "must be > 0 or none",
+        )
+        check(
+            self.late_results in ("drop", "carry"),
+            "late_results",
+            self.late_results,
+            "must be drop or carry",
         )
         check(self.threads is None or self.threads >= 1, "threads", self.threads, "must be >= 1")
         check(

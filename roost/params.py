@@ -114,6 +114,20 @@ class FlatModel:
             )
         return buf
 
+    def save_resident(self) -> dict[str, torch.Tensor]:
+        """Copies of what a task has in the resident model: its parameters and every
+        scratch buffer (momentum, proximal terms), so that a suspended task can give the
+        model to other tasks and later :meth:`restore_resident` to continue."""
+        saved = {f"scratch/{k}": v.clone() for k, v in self._scratch.items()}
+        saved["params"] = self.params.clone()
+        return saved
+
+    def restore_resident(self, saved: dict[str, torch.Tensor]) -> None:
+        self.params.copy_(saved["params"])
+        for key, value in saved.items():
+            if key.startswith("scratch/"):
+                self.scratch(key[len("scratch/") :]).copy_(value)
+
     def load_(self, flat: torch.Tensor) -> None:
         """Overwrite the weights in place with ``flat`` (one contiguous copy).
 

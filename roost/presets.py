@@ -69,8 +69,35 @@ def _w2() -> dict[str, Any]:
     return tree
 
 
+def _w3() -> dict[str, Any]:
+    """WORKLOADS.md W3: W1's data, model and local training, trained asynchronously with
+    FedBuff (100 tasks in flight, K = 10, weight 1/sqrt(1 + τ)) for 50 server steps on
+    W3's devices (task of client i: n_i * 0.01 / lognormal(0, 1) speed virtual seconds)."""
+    tree = _w1()
+    tree.update(
+        {
+            "rounds": 50,
+            "algorithm": {
+                "name": "fedbuff",
+                "lr": 0.05,
+                "batch_size": 20,
+                "local_epochs": 1,
+                "shuffle": False,
+                "buffer_size": 10,
+                "concurrency": 100,
+                "server_lr": 1.0,
+                "staleness": "polynomial",
+                "staleness_a": 0.5,
+            },
+            "system": {"name": "w3"},
+        }
+    )
+    return tree
+
+
 PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
     "quickstart": _quickstart,
     "w1": _w1,
     "w2": _w2,
+    "w3": _w3,
 }

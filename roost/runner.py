@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from roost.algorithms.asynchronous import AsyncStrategy
+from roost.algorithms.base import Strategy
 from roost.build import build_parts, initial_params
 from roost.config import ResolvedConfig, apply_overrides, resolve
 from roost.engine import Callback, Engine, History
@@ -30,9 +32,9 @@ from roost.track.resources import peak_rss_mb
 from roost.track.rundir import RunDir, RunDirError
 from roost.track.tensorboard import TensorBoardWriter
 
-__all__ = ["describe_run", "resume", "run", "summarize"]
+__all__ = ["describe_run", "pacing_note", "resume", "run", "summarize"]
 
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
 
 
 class _Checkpointer:
@@ -44,6 +46,9 @@ class _Checkpointer:
     def __call__(self, record: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
         self.rundir.append_metrics(record)
         self.store.commit(record["round"])  # durable before the checkpoint names it
+        snapshots = self.engine.flights.snapshot_dicts()
+        if snapshots:  # each version written once, not in every checkpoint
+            self.rundir.save_snapshots(snapshots)
         self.rundir.save_checkpoint(
             {
                 "format": CHECKPOINT_FORMAT,
@@ -52,10 +57,12 @@ class _Checkpointer:
                 "wall_time_s": record["wall_time_s"],
                 "stopped": record.get("stopped"),
                 "strategy": self.engine.strategy.state_dict(),
+                "engine": self.engine.state_dict(with_snapshots=False),
                 "runtime": self.engine.runtime.state_dict(),
                 "client_state": self.store.checkpoint_state(),
             }
         )
+        self.rundir.prune_snapshots(set(snapshots))
         return False, {}
 
 
@@ -182,7 +189,7 @@ def _execute_run(
         checkpoint=checkpoint["client_state"] if checkpoint is not None else None,
     )
     runtime = RUNTIMES.get(cfg.name("runtime")).factory(cfg.config("runtime"))
-    system = build_system(cfg.name("system"), cfg.config("system"), rc.seed)
+    system = build_system(cfg.name("system"), cfg.config("system"), rc.seed, dataset.num_clients)
     engine = Engine(
         run=rc,
         algorithm=algorithm,
@@ -200,7 +207,11 @@ def _execute_run(
     if checkpoint is not None:
         assert rundir is not None
         strategy.load_state_dict(checkpoint["strategy"])
-        engine.clock.advance_to(float(checkpoint["virtual_time_s"]))
+        engine_state = checkpoint["engine"]
+        flights = engine_state["flights"]
+        if flights.get("snapshots") is None:
+            flights["snapshots"] = rundir.load_snapshots(flights["snapshot_versions"])
+        engine.load_state_dict(engine_state)
         engine.wall_offset_s = float(checkpoint["wall_time_s"])
         start_round = int(checkpoint["round"]) + 1
         history.records = rundir.truncate_metrics(start_round - 1)
@@ -222,6 +233,9 @@ def _execute_run(
         engine.callbacks.append(tensorboard)
     if progress:
         print(describe_run(cfg, dataset.num_clients), file=sys.stderr)
+        note = pacing_note(cfg, strategy)
+        if note:
+            print(f"roost: note: {note}", file=sys.stderr)
         engine.callbacks.append(ProgressBar(rc.rounds))
     try:
         if not finished:  # a finished run resumed starts no processes
@@ -261,6 +275,24 @@ def describe_run(cfg: ResolvedConfig, num_clients: int) -> str:
         f"roost: {cfg.name('algorithm')} on data={cfg.name('data')}, {num_clients} clients "
         f"(partition={cfg.name('partition')}), {rc.clients_per_round} per round, "
         f"{rc.rounds} rounds, model={cfg.name('model')}, runtime={cfg.name('runtime')}"
+    )
+
+
+def pacing_note(cfg: ResolvedConfig, strategy: Strategy) -> str | None:
+    """For an asynchronous method: what ``rounds`` counts, when a step folds fewer results
+    than a synchronous round of the same config would (FedAsync: one)."""
+    if not isinstance(strategy, AsyncStrategy):
+        return None
+    rc, per = cfg.run, strategy.arrivals_per_step
+    concurrency = strategy.concurrency or rc.clients_per_round
+    if per is None or per >= rc.clients_per_round:
+        return None
+    return (
+        f"{cfg.name('algorithm')} steps the server every {per} arrival(s) with "
+        f"{concurrency} clients in flight; rounds={rc.rounds} counts server steps, so "
+        f"this run trains {rc.rounds * per} client tasks where {rc.rounds} synchronous "
+        f"rounds of {rc.clients_per_round} would train {rc.rounds * rc.clients_per_round} "
+        f"(rounds={rc.rounds * rc.clients_per_round // per} for as many)"
     )
 
 

@@ -6,9 +6,13 @@ module holding its config, server strategy and client update rule.
 
 from __future__ import annotations
 
+from roost.algorithms.asynchronous import Arrival, AsyncStrategy
 from roost.algorithms.base import ALGORITHMS, Algorithm, Strategy
 from roost.algorithms.ditto import Ditto, DittoConfig
+from roost.algorithms.fedasmu import FedASMU, FedASMUConfig, FedASMUStrategy
+from roost.algorithms.fedasync import FedAsync, FedAsyncConfig, FedAsyncStrategy
 from roost.algorithms.fedavg import FedAvg, FedAvgConfig, FedAvgStrategy
+from roost.algorithms.fedbuff import FedBuff, FedBuffConfig, FedBuffStrategy
 from roost.algorithms.feddyn import FedDyn, FedDynConfig, FedDynStrategy
 from roost.algorithms.fednova import FedNova, FedNovaConfig, FedNovaStrategy
 from roost.algorithms.fedopt import (
@@ -26,15 +30,26 @@ from roost.algorithms.scaffold import Scaffold, ScaffoldConfig, ScaffoldStrategy
 __all__ = [
     "ALGORITHMS",
     "Algorithm",
+    "Arrival",
+    "AsyncStrategy",
     "Ditto",
     "DittoConfig",
+    "FedASMU",
+    "FedASMUConfig",
+    "FedASMUStrategy",
     "FedAdagrad",
     "FedAdagradConfig",
     "FedAdam",
     "FedAdamConfig",
+    "FedAsync",
+    "FedAsyncConfig",
+    "FedAsyncStrategy",
     "FedAvg",
     "FedAvgConfig",
     "FedAvgStrategy",
+    "FedBuff",
+    "FedBuffConfig",
+    "FedBuffStrategy",
     "FedDyn",
     "FedDynConfig",
     "FedDynStrategy",

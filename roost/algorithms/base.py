@@ -14,9 +14,13 @@ sums (FedML Parrot's local + global aggregation) without the algorithm knowing. 
 whose rule is not a weighted mean (median, Krum) sets ``Strategy.aggregation =
 "per_client"`` and is handed one Contribution per client instead.
 
-Client procedures that must talk to the server mid-task (split learning, FedASMU's fetch of
-a fresher global model) may be generator functions: they ``yield`` a request and receive the
-answer; the runtime drives them with :func:`drive`. Plain functions never see this.
+Client procedures that must talk to the server mid-task (FedASMU's fetch of a fresher
+global model, split learning) may be generator functions: they ``yield`` a request such as
+:class:`FetchModel` and receive the answer. The algorithm declares when, as fractions of the
+task's compute (:meth:`Algorithm.request_points`), so that the engine knows every task's
+timeline at dispatch; it then suspends the procedure at that virtual time and resumes it
+with the server's answer (the download charged on the device's link). Plain functions never
+see this.
 
 Algorithms never import a runtime, clock or transport.
 """
@@ -45,6 +49,7 @@ __all__ = [
     "ClientOptimConfig",
     "ClientResult",
     "Contribution",
+    "FetchModel",
     "Payload",
     "Strategy",
     "UpdateOutput",
@@ -229,6 +234,13 @@ class UpdateOutput(NamedTuple):
 UpdateReturn = UpdateOutput | Generator[Any, Any, UpdateOutput]
 
 
+@dataclass(frozen=True)
+class FetchModel:
+    """A client procedure's request for the global model as it is when the request
+    reaches the server; the answer is that :class:`Payload` (its ``version`` says how
+    fresh it is)."""
+
+
 def drive(out: UpdateReturn, respond: Callable[[Any], Any]) -> UpdateOutput:
     """Run a client procedure to completion.
 
@@ -347,6 +359,11 @@ class Algorithm:
         """The flat parameters of a client's personal model, from its state. Clients with
         no state yet are evaluated at the initial global model ``w^0`` instead."""
         raise NotImplementedError(f"{type(self).__name__} keeps no personal model")
+
+    def request_points(self) -> tuple[float, ...]:
+        """When a task's procedure yields its requests, as increasing fractions in (0, 1)
+        of its compute (empty: a plain update that never asks the server anything)."""
+        return ()
 
     def work_examples(self, num_examples: int) -> int:
         """Examples processed by one task (for the system model's compute time)."""

@@ -14,7 +14,8 @@ SCAFFOLD's c − c_k, FedDyn's linear and proximal terms) without another pass o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ from roost.algorithms.base import ClientContext, ClientOptimConfig
 from roost.data.base import ClientData
 from roost.params import FlatModel
 
-__all__ = ["LocalTrainResult", "local_sgd"]
+__all__ = ["LocalTrainResult", "SGDStepper", "local_sgd", "minibatches", "num_steps"]
 
 GradCorrection = Callable[[torch.Tensor, torch.Tensor], None]
 
@@ -35,6 +36,66 @@ class LocalTrainResult:
     mean_loss: float
 
 
+def minibatches(
+    ctx: ClientContext, data: ClientData, cfg: ClientOptimConfig
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The task's minibatches: ``E`` epochs of batches of ``B`` (the last one of an epoch
+    possibly short), each epoch reshuffled with the task's generator unless
+    ``shuffle=False``. A procedure may stop consuming it (at a request) and go on later."""
+    n, bs = len(data), cfg.batch_size
+    for _ in range(cfg.local_epochs):
+        if cfg.shuffle:
+            order = torch.randperm(n, generator=ctx.generator)
+            xs, ys = data.x[order], data.y[order]
+        else:
+            xs, ys = data.x, data.y
+        for start in range(0, n, bs):
+            yield xs[start : start + bs], ys[start : start + bs]
+
+
+def num_steps(num_examples: int, cfg: ClientOptimConfig) -> int:
+    """Local steps of one task: ``E * ceil(n / B)``."""
+    return cfg.local_epochs * math.ceil(num_examples / cfg.batch_size)
+
+
+class SGDStepper:
+    """One SGD step at a time on the resident model (the rule of the module docstring);
+    keeps the step count and the summed loss."""
+
+    def __init__(
+        self, model: FlatModel, cfg: ClientOptimConfig, correction: GradCorrection | None = None
+    ) -> None:
+        self.model, self.cfg, self.correction = model, cfg, correction
+        self.buf = model.scratch("momentum") if cfg.momentum else None
+        self.loss_sum = torch.zeros((), device=model.params.device)
+        self.steps = 0
+        model.module.train()
+
+    def step(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        model, cfg = self.model, self.cfg
+        params, grads = model.params, model.grads
+        grads.zero_()
+        loss = F.cross_entropy(model.module(xb), yb)
+        loss.backward()
+        if cfg.weight_decay:
+            grads.add_(params, alpha=cfg.weight_decay)
+        if self.correction is not None:
+            self.correction(params, grads)
+        step = grads
+        if self.buf is not None:
+            if self.steps == 0:
+                self.buf.copy_(grads)
+            else:
+                self.buf.mul_(cfg.momentum).add_(grads)
+            step = self.buf
+        params.add_(step, alpha=-cfg.lr)
+        self.loss_sum += loss.detach()
+        self.steps += 1
+
+    def result(self) -> LocalTrainResult:
+        return LocalTrainResult(self.steps, float(self.loss_sum) / max(self.steps, 1))
+
+
 def local_sgd(
     ctx: ClientContext,
     model: FlatModel,
@@ -43,38 +104,7 @@ def local_sgd(
     correction: GradCorrection | None = None,
 ) -> LocalTrainResult:
     """Train ``model`` in place on ``data``; return the step count and the mean batch loss."""
-    module = model.module
-    module.train()
-    params, grads = model.params, model.grads
-    n = len(data)
-    bs = cfg.batch_size
-    lr, wd, rho = cfg.lr, cfg.weight_decay, cfg.momentum
-    buf = model.scratch("momentum") if rho else None
-    loss_sum = torch.zeros((), device=params.device)
-    steps = 0
-    for _ in range(cfg.local_epochs):
-        if cfg.shuffle:
-            order = torch.randperm(n, generator=ctx.generator)
-            xs, ys = data.x[order], data.y[order]
-        else:
-            xs, ys = data.x, data.y
-        for start in range(0, n, bs):
-            xb, yb = xs[start : start + bs], ys[start : start + bs]
-            grads.zero_()
-            loss = F.cross_entropy(module(xb), yb)
-            loss.backward()
-            if wd:
-                grads.add_(params, alpha=wd)
-            if correction is not None:
-                correction(params, grads)
-            step = grads
-            if buf is not None:
-                if steps == 0:
-                    buf.copy_(grads)
-                else:
-                    buf.mul_(rho).add_(grads)
-                step = buf
-            params.add_(step, alpha=-lr)
-            loss_sum += loss.detach()
-            steps += 1
-    return LocalTrainResult(steps, float(loss_sum) / max(steps, 1))
+    stepper = SGDStepper(model, cfg, correction)
+    for xb, yb in minibatches(ctx, data, cfg):
+        stepper.step(xb, yb)
+    return stepper.result()

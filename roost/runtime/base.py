@@ -7,10 +7,22 @@ algorithm: it is handed an :class:`~roost.algorithms.base.Algorithm` object in a
 :class:`Job` and calls its ``update``.
 
 Tasks carry a ``group``: the runtime returns one :class:`Contribution` per group, each the
-fold of its tasks' results in task order. A synchronous round is one group; an
-asynchronous strategy that consumes results one by one uses one group per task; a buffered
-one (FedBuff) a group per buffer. Grouping is what lets a runtime pre-reduce on the worker
-without changing what the strategy sees.
+fold of its tasks' results in task order. A synchronous round is one group; asynchronous
+methods, whose results the engine folds one by one at their delivery, use one group per
+task. Grouping is what lets a runtime pre-reduce on the worker without changing what the
+strategy sees.
+
+Generator procedures (a client that asks the server something mid-task, FedASMU's fetch of
+a fresher model) are suspended at their request: :meth:`Runtime.execute` returns the
+request, keeps the procedure with copies of its parameters and optimizer buffers (the
+resident model is free for other tasks meanwhile), and a later execute of the same task
+with the answer resumes it.
+
+Client state: by default a runtime writes the new state of each task to the job's store as
+it computes. With ``defer_state=True`` (the engine computes tasks ahead of their delivery)
+it leaves the store untouched and returns the new states in :attr:`Outcome.new_states`;
+the engine commits each one when its task is delivered. The tasks of one execute never
+share a client, so every task reads the state its client had before the batch.
 """
 
 from __future__ import annotations
@@ -40,24 +52,33 @@ def task_seed(seed: int, client_id: int, dispatch: int) -> int:
 
 @dataclass(frozen=True)
 class Task:
-    """One client task: train ``client_id`` from model ``version``; fold into ``group``."""
+    """One client task: train ``client_id`` from model ``version``; fold into ``group``.
+
+    ``key`` identifies the task across executes: a procedure that yields a request is
+    suspended under it and resumed by a later execute of the same task with the answer.
+    """
 
     client_id: int
     round: int
     version: int
     seed: int
     group: int = 0
+    key: int = -1
 
 
 @dataclass
 class Outcome:
     """The result of :meth:`Runtime.execute`: a Contribution per group, per-task client
-    metrics ``(client_id, metrics)`` in task order, and the runtime's own metrics for the
-    round (e.g. predicted and actual makespan), recorded in metrics.jsonl."""
+    metrics ``(client_id, metrics)`` in task order, the runtime's own metrics for the
+    batch (e.g. predicted and actual makespan), recorded in metrics.jsonl, when the
+    state was deferred each client's new state, and the requests of tasks whose
+    procedure suspended (by task key; those tasks folded nothing yet)."""
 
     contributions: list[Contribution]
     client_metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
+    new_states: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    requests: dict[int, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -74,15 +95,35 @@ class Job:
 
 
 class Runtime:
-    """Computes batches of client tasks. Implementations: ``local``; later ``workers``."""
+    """Computes batches of client tasks. Implementations: ``local`` and ``workers``."""
+
+    batch_hint: int = 1
+    """How many tasks the engine should hand over at once when it may compute ahead (a
+    runtime that computes one task at a time gains nothing from more, and holds their
+    results in memory until they are delivered)."""
 
     def start(self, job: Job) -> None:
         raise NotImplementedError
 
     def execute(
-        self, tasks: Sequence[Task], payloads: Mapping[int, Payload], num_groups: int = 1
+        self,
+        tasks: Sequence[Task],
+        payloads: Mapping[int, Payload],
+        num_groups: int = 1,
+        defer_state: bool = False,
+        answers: Mapping[int, Payload] | None = None,
     ) -> Outcome:
+        """Run each task to its end, or to its procedure's next request.
+
+        A task whose key is in ``answers`` was suspended by an earlier execute: it resumes
+        with its answer (in its own parameters and optimizer buffers, which were kept
+        aside meanwhile). A task that yields a request is suspended and its request
+        returned in :attr:`Outcome.requests`.
+        """
         raise NotImplementedError
+
+    def discard(self, keys: Sequence[int]) -> None:
+        """Forget suspended tasks that will never resume (their device went offline)."""
 
     def evaluate(self, params: torch.Tensor, data: ClientData) -> tuple[float, float]:
         """Mean loss and accuracy of the model with flat ``params`` on ``data``."""

@@ -10,17 +10,22 @@ ever kept.
 moves there once per execute, each client's examples and state once per task, and new
 client state and the round's sums come back to host memory for the strategy and the
 store.
+
+A generator procedure that yields a request is suspended (:class:`Suspended`): copies of
+its parameters, scratch buffers and random-generator states are kept by task key, the
+resident model goes on to the next task, and a later execute with the answer restores
+them and resumes the generator where it stopped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from roost.algorithms.base import ClientContext, Contribution, Payload, drive
+from roost.algorithms.base import ClientContext, Contribution, Payload, UpdateOutput
 from roost.data.base import ClientData
 from roost.evaluation import evaluate
 from roost.params import FlatModel
@@ -42,11 +47,15 @@ class LocalRuntimeConfig:
         check_device_spec("device", self.device)
 
 
-def _no_server(request: Any) -> Any:
-    raise RuntimeError(
-        f"client procedure sent {type(request).__name__} to the server, but this engine "
-        "mode runs client tasks without server interaction"
-    )
+@dataclass
+class Suspended:
+    """A task whose procedure yielded a request: the generator, and copies of what it had
+    in the resident model and in the random generators, restored when it resumes."""
+
+    procedure: Generator[Any, Any, UpdateOutput]
+    resident: dict[str, torch.Tensor]
+    generator_state: torch.Tensor
+    default_state: torch.Tensor
 
 
 class LocalRuntime(Runtime):
@@ -61,6 +70,7 @@ class LocalRuntime(Runtime):
         self._job: Job | None = None
         self._model: FlatModel | None = None
         self._generator = torch.Generator()
+        self._suspended: dict[int, Suspended] = {}
 
     def start(self, job: Job) -> None:
         self._job = job
@@ -82,7 +92,12 @@ class LocalRuntime(Runtime):
         return self._model
 
     def execute(
-        self, tasks: Sequence[Task], payloads: Mapping[int, Payload], num_groups: int = 1
+        self,
+        tasks: Sequence[Task],
+        payloads: Mapping[int, Payload],
+        num_groups: int = 1,
+        defer_state: bool = False,
+        answers: Mapping[int, Payload] | None = None,
     ) -> Outcome:
         job = self._job
         if job is None:
@@ -94,26 +109,73 @@ class LocalRuntime(Runtime):
         on_device = {v: p.to(device) for v, p in payloads.items()}
         contributions = [Contribution() for _ in range(num_groups)]
         metrics: list[tuple[int, dict[str, float]]] = []
+        new_states: dict[int, dict[str, torch.Tensor]] = {}
+        requests: dict[int, Any] = {}
         for task in tasks:
             cid = task.client_id
-            payload = on_device[task.version]
-            data = job.dataset.client_data(cid).to(device)
-            model.load_(payload.params)
-            self._generator.manual_seed(task.seed)
-            seed_device_rng(device, task.seed)  # dropout and other global-RNG users
-            test = job.dataset.client_test_data(cid) if wants_test else None
-            if test is not None:
-                test = test.to(device)
-            ctx = ClientContext(cid, task.round, task.seed, len(data), self._generator, test)
-            state = store.get(cid) if stateful else None
-            if state is not None:
-                state = tensors_to(state, device)
-            out = drive(alg.update(ctx, model, data, payload, state), _no_server)
+            suspended = self._suspended.pop(task.key, None)
+            if suspended is not None:
+                if answers is None or task.key not in answers:
+                    raise RuntimeError(f"task {task.key} of client {cid} resumed without an answer")
+                model.restore_resident(suspended.resident)
+                self._generator.set_state(suspended.generator_state)
+                torch.default_generator.set_state(suspended.default_state)
+                procedure: Generator[Any, Any, UpdateOutput] | None = suspended.procedure
+                send: Any = answers[task.key].to(device)
+            else:
+                payload = on_device[task.version]
+                data = job.dataset.client_data(cid).to(device)
+                model.load_(payload.params)
+                self._generator.manual_seed(task.seed)
+                seed_device_rng(device, task.seed)  # dropout and other global-RNG users
+                test = job.dataset.client_test_data(cid) if wants_test else None
+                if test is not None:
+                    test = test.to(device)
+                ctx = ClientContext(cid, task.round, task.seed, len(data), self._generator, test)
+                state = store.get(cid) if stateful else None
+                if state is not None:
+                    state = tensors_to(state, device)
+                returned = alg.update(ctx, model, data, payload, state)
+                if isinstance(returned, UpdateOutput):
+                    out, procedure = returned, None
+                else:
+                    procedure, send = returned, None  # send(None) starts a generator
+            if procedure is not None:
+                try:
+                    request = procedure.send(send)
+                except StopIteration as stop:
+                    if not isinstance(stop.value, UpdateOutput):
+                        raise TypeError("a client procedure must return an UpdateOutput") from None
+                    out = stop.value
+                else:
+                    if task.key < 0:
+                        raise RuntimeError(
+                            f"client {cid}'s procedure sent {type(request).__name__} to the "
+                            "server, but its task has no key to resume it by"
+                        )
+                    self._suspended[task.key] = Suspended(
+                        procedure,
+                        model.save_resident(),
+                        self._generator.get_state(),
+                        torch.default_generator.get_state(),
+                    )
+                    requests[task.key] = request
+                    continue
             if out.state is not None:
-                store.put(cid, tensors_to(out.state, host))
+                if defer_state:  # a copy: the state may alias the resident model
+                    new_states[cid] = {
+                        k: v.detach().to(host, copy=True) for k, v in out.state.items()
+                    }
+                else:
+                    store.put(cid, tensors_to(out.state, host))
             contributions[task.group].fold(out.result, cid)
             metrics.append((cid, out.metrics))
-        return Outcome([c.to(self.sums_device) for c in contributions], metrics)
+        contributions = [c.to(self.sums_device) for c in contributions]
+        return Outcome(contributions, metrics, new_states=new_states, requests=requests)
+
+    def discard(self, keys: Sequence[int]) -> None:
+        for key in keys:
+            self._suspended.pop(key, None)
 
     def evaluate(self, params: torch.Tensor, data: ClientData) -> tuple[float, float]:
         model = self.model
@@ -122,6 +184,7 @@ class LocalRuntime(Runtime):
 
     def close(self) -> None:
         self._model = None
+        self._suspended.clear()
 
 
 RUNTIMES.register("local", LocalRuntimeConfig, "one process, clients in sequence")(LocalRuntime)

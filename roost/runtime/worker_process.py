@@ -29,6 +29,7 @@ from roost.runtime.workers_protocol import (
     launched_by_torchrun,
     open_store_from,
 )
+from roost.state import ClientStateStore
 from roost.track.resources import peak_rss_mb, use_mmap_for_large_allocations
 
 __all__ = ["spawned_worker", "worker_loop"]
@@ -97,15 +98,23 @@ def worker_loop(rank: int, world_size: int, init_method: str, cfg: WorkersRuntim
                 return
             order: RoundOrder = message
             payloads = _recv_payloads(order, payload_buffers, relay, buffer_device)
-            store = shared_store or ShippedStates(order.shipped_states or {})
+            if order.defer_state:  # the server commits each state when its task is delivered
+                store: ClientStateStore = ShippedStates(order.shipped_states or {}, shared_store)
+            else:
+                store = shared_store or ShippedStates(order.shipped_states or {})
             runtime.use_state_store(store)
             t0 = time.perf_counter()
-            outcome = runtime.execute(order.assignments[rank - 1], payloads, order.num_groups)
+            runtime.discard(order.discard)
+            answers = {key: payloads[v] for key, v in order.answers.items()}
+            # deferred or not, new states go to ``store`` (collected there when deferred)
+            outcome = runtime.execute(
+                order.assignments[rank - 1], payloads, order.num_groups, answers=answers
+            )
             busy = time.perf_counter() - t0
             if rank <= len(options.slowdown) and options.slowdown[rank - 1] > 1:
                 time.sleep(busy * (options.slowdown[rank - 1] - 1))
                 busy = time.perf_counter() - t0
-            if shared_store is not None:
+            if shared_store is not None and not order.defer_state:
                 shared_store.flush()  # durable before the server commits the round
             new_states = store.new if isinstance(store, ShippedStates) else {}
             _send_reply(order, busy, outcome, new_states, relay, buffer_device, str(device))
@@ -183,7 +192,13 @@ def _send_reply(
         contribution = outcome.contributions[0]
         header = SumHeader.of(contribution)
         reply = WorkerReply(
-            busy_s, outcome.client_metrics, peak_rss_mb(), trained_on, header, new_states=new_states
+            busy_s,
+            outcome.client_metrics,
+            peak_rss_mb(),
+            trained_on,
+            header,
+            new_states=new_states,
+            requests=outcome.requests,
         )
         dist.gather_object(reply, None, dst=0)
         (layout,) = _recv_object()
@@ -208,5 +223,6 @@ def _send_reply(
             None,
             [c.to(host) for c in outcome.contributions],
             new_states,
+            outcome.requests,
         )
         dist.gather_object(reply, None, dst=0)

@@ -84,6 +84,8 @@ class WorkersRuntime(Runtime):
         self._job: Job | None = None
         self._eval_model: FlatModel | None = None
         self._round = 0
+        self._holder: dict[int, int] = {}  # suspended task key -> worker index
+        self._discard: list[int] = []  # suspended tasks to forget, sent with the next order
         self.transport = Transport("star", "gloo")
 
     # ---- lifecycle
@@ -163,13 +165,27 @@ class WorkersRuntime(Runtime):
         self._eval_model = None
 
     # ---- rounds
+    @property
+    def batch_hint(self) -> int:  # type: ignore[override]
+        """Enough tasks for every worker to train a few clients per exchange."""
+        return 4 * max(1, self.num_workers)
+
     def execute(
-        self, tasks: Sequence[Task], payloads: Mapping[int, Payload], num_groups: int = 1
+        self,
+        tasks: Sequence[Task],
+        payloads: Mapping[int, Payload],
+        num_groups: int = 1,
+        defer_state: bool = False,
+        answers: Mapping[int, Payload] | None = None,
     ) -> Outcome:
         job, scheduler = self._job, self.scheduler
         if job is None or scheduler is None:
             raise RuntimeError("runtime not started")
-        self._round = tasks[0].round if tasks else self._round
+        answers = answers or {}
+        # a suspended task resumes on the worker that holds its procedure
+        resumed = [t for t in tasks if t.key in answers]
+        tasks = [t for t in tasks if t.key not in answers]
+        self._round = (tasks or resumed)[0].round if (tasks or resumed) else self._round
         units = [
             float(job.algorithm.work_examples(job.dataset.num_examples(t.client_id))) for t in tasks
         ]
@@ -182,7 +198,12 @@ class WorkersRuntime(Runtime):
             plan = Assignment(round_robin(units, self.num_workers), [], float("nan"))
             predicted_s = None
         assignments = [[tasks[i] for i in idx] for idx in plan.per_worker]
+        for t in resumed:
+            assignments[self._holder.pop(t.key)].append(t)
         held = {w + 1: [t.client_id for t in a] for w, a in enumerate(assignments)}
+        payloads = dict(payloads)
+        for a in answers.values():
+            payloads.setdefault(a.version, a)
         stateful = bool(job.algorithm.client_state_spec(self._num_params()))
         shipped = None
         if stateful and shared_store_info(job.state_store) is None:
@@ -192,7 +213,11 @@ class WorkersRuntime(Runtime):
                 if s is not None:
                     shipped[t.client_id] = s
         layout = {v: [(n, t.numel()) for n, t in payload_tensors(p)] for v, p in payloads.items()}
-        order = RoundOrder(assignments, layout, num_groups, shipped)
+        answer_versions = {k: a.version for k, a in answers.items()}
+        order = RoundOrder(
+            assignments, layout, num_groups, shipped, defer_state, answer_versions, self._discard
+        )
+        self._discard = []
 
         relay = self.transport.topology == "relay"
 
@@ -217,14 +242,25 @@ class WorkersRuntime(Runtime):
             return worker_replies, merged
 
         replies, contributions = self._guard(f"round {self._round}", held, exchange)
-        for reply in replies:
-            for cid, state in reply.new_states.items():
+        requests: dict[int, Any] = {}
+        for w, reply in enumerate(replies):
+            for key, request in reply.requests.items():
+                self._holder[key] = w
+                requests[key] = request
+        new_states = {cid: s for reply in replies for cid, s in reply.new_states.items()}
+        if not defer_state:
+            for cid, state in new_states.items():
                 job.state_store.put(cid, state)
+            new_states = {}
         busy = [r.busy_s for r in replies]
-        for w, idx in enumerate(plan.per_worker):
+        for w, idx in enumerate(plan.per_worker):  # resumed tasks are not in the units
             scheduler.observe(w, sum(units[i] for i in idx), busy[w])
         by_client = {cid: m for r in replies for cid, m in r.client_metrics}
-        client_metrics = [(t.client_id, by_client.get(t.client_id, {})) for t in tasks]
+        client_metrics = [
+            (t.client_id, by_client[t.client_id])
+            for t in [*tasks, *resumed]
+            if t.client_id in by_client
+        ]
         metrics = {
             "predicted_makespan_s": predicted_s,
             "makespan_s": max(busy, default=0.0),
@@ -233,7 +269,12 @@ class WorkersRuntime(Runtime):
             "worker_peak_rss_mb": [r.peak_rss_mb for r in replies],
             "worker_devices": [r.device for r in replies],
         }
-        return Outcome(contributions, client_metrics, metrics)
+        return Outcome(contributions, client_metrics, metrics, new_states, requests)
+
+    def discard(self, keys: Sequence[int]) -> None:
+        for key in keys:
+            if self._holder.pop(key, None) is not None:
+                self._discard.append(key)
 
     def _reduce(self, replies: list[WorkerReply]) -> Contribution:
         headers = [r.header for r in replies if r.header is not None]

@@ -118,6 +118,9 @@ class RoundOrder:
     payload_layout: dict[int, list[tuple[str, int]]]
     num_groups: int
     shipped_states: dict[int, Tensors] | None
+    defer_state: bool = False
+    answers: dict[int, int] = field(default_factory=dict)  # task key -> payload version
+    discard: list[int] = field(default_factory=list)  # suspended task keys to forget
 
 
 @dataclass
@@ -149,6 +152,7 @@ class WorkerReply:
     header: SumHeader | None = None
     contributions: list[Contribution] = field(default_factory=list)
     new_states: dict[int, Tensors] = field(default_factory=dict)
+    requests: dict[int, Any] = field(default_factory=dict)
 
 
 def shared_store_info(store: ClientStateStore) -> dict[str, Any] | None:
@@ -168,14 +172,18 @@ def payload_tensors(payload: Payload) -> list[tuple[str, torch.Tensor]]:
 
 
 class ShippedStates(ClientStateStore):
-    """A worker's view of an in-memory store: states shipped with the tasks, new states
-    collected to be sent back."""
+    """A worker's view of the client states: read from states shipped with the tasks (an
+    in-memory store) or from the shared store ``base``; new states collected to be sent
+    back (the server commits them)."""
 
-    def __init__(self, states: Mapping[int, Tensors]) -> None:
+    def __init__(self, states: Mapping[int, Tensors], base: ClientStateStore | None = None) -> None:
         self.states = dict(states)
+        self.base = base
         self.new: dict[int, Tensors] = {}
 
     def get(self, client_id: int) -> Tensors | None:
+        if self.base is not None:
+            return self.base.get(client_id)
         return self.states.get(client_id)
 
     def put(self, client_id: int, state: Tensors) -> None:

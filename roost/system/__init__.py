@@ -8,6 +8,7 @@ from roost.system.model import (
     HomogeneousConfig,
     HomogeneousSystem,
     SystemModel,
+    TaskTiming,
     build_system,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "HomogeneousConfig",
     "HomogeneousSystem",
     "SystemModel",
+    "TaskTiming",
     "build_system",
 ]

@@ -22,6 +22,7 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
+SNAPSHOTS = "snapshots"
 
 
 class RunDirError(ValueError):
@@ -130,6 +131,42 @@ class RunDir:
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         atomic_torch_save(self.path / CHECKPOINT, state)
+
+    def save_snapshots(self, snapshots: dict[int, Any]) -> None:
+        """Write each model snapshot an asynchronous run still needs, once: a version
+        already on disk is not written again (it never changes). Called before the
+        checkpoint that lists them."""
+        folder = self.path / SNAPSHOTS
+        if not folder.exists():
+            folder.mkdir()
+            self.made(SNAPSHOTS)
+        for version, snapshot in snapshots.items():
+            f = folder / f"v{int(version)}.pt"
+            if not f.exists():
+                atomic_torch_save(f, snapshot)
+
+    def prune_snapshots(self, keep: set[int]) -> None:
+        """Remove snapshots no checkpoint needs (after the checkpoint was written)."""
+        folder = self.path / SNAPSHOTS
+        if not folder.exists():
+            return
+        for f in folder.glob("v*.pt"):
+            if f.stem[1:].isdigit() and int(f.stem[1:]) not in keep:
+                f.unlink(missing_ok=True)
+
+    def load_snapshots(self, versions: list[int]) -> dict[int, Any]:
+        import torch
+
+        out = {}
+        for v in versions:
+            f = self.path / SNAPSHOTS / f"v{int(v)}.pt"
+            try:
+                out[int(v)] = torch.load(f, weights_only=True)
+            except Exception as e:  # missing or damaged: say which
+                raise RunDirError(
+                    f"{f}: cannot read the model snapshot of version {v}: {e}"
+                ) from None
+        return out
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         f = self.path / CHECKPOINT

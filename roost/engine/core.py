@@ -1,0 +1,367 @@
+"""The engine: the one event loop where strategy, runtime and system model meet.
+
+Every dispatched task becomes a :class:`~roost.engine.flight.Flight` whose arrival (or
+dropout, when its device goes offline first) is an event on the
+:class:`~roost.clock.VirtualClock`; events are popped in (time, priority, dispatch order).
+How the server paces itself is a *policy* on that loop:
+
+* rounds (:mod:`roost.engine.rounds`), for a synchronous :class:`Strategy`: a barrier.
+  With ``late_results=carry`` a round's deadline does not discard late results: they are
+  delivered in the round during which they arrive, with their staleness (semi-async);
+* asynchronous (:mod:`roost.engine.asynchronous`), for an
+  :class:`~roost.algorithms.asynchronous.AsyncStrategy`: a cap of tasks in flight, one
+  dispatch per freed slot, and a server step whenever the strategy asks for one.
+
+Each record of the history is one server step (``round`` is its number in both
+policies). A task's seed comes from (run seed, client, that client's dispatch number),
+never from the round. After each step the global model is checked: a NaN or Inf in it,
+or a server metric or mean train loss that overflowed, raises :class:`Diverged` naming
+the step. The run stops early after the first step that reaches ``target_accuracy`` or
+ends at or past ``virtual_time_budget_s``; its record then says why in ``stopped``.
+
+The engine never looks at real time except to report it, and never decides how tasks are
+computed: that is the runtime's business (it is handed batches of tasks whose delivery is
+certain, and returns a result per task or per round).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from roost.algorithms.asynchronous import AsyncStrategy
+from roost.algorithms.base import Algorithm, Payload, Strategy
+from roost.clock import VirtualClock
+from roost.config import RunConfig
+from roost.data.base import FederatedDataset
+from roost.engine.flight import Flight, FlightTable
+from roost.errors import Diverged
+from roost.runtime.base import Runtime, Task, task_seed
+from roost.state import ClientStateStore
+from roost.system.model import SystemModel, TaskTiming
+
+__all__ = [
+    "ARRIVAL",
+    "REFILL",
+    "REQUEST",
+    "ROUND_END",
+    "WAKE",
+    "Callback",
+    "Engine",
+    "History",
+    "client_metric_means",
+]
+
+# event priorities at equal times: a slot waiting for an online client is retried; tasks
+# arrive (in dispatch order); mid-task requests are answered (with the model those
+# arrivals made); freed slots are refilled; a round ends
+WAKE = 0
+ARRIVAL = 1
+REQUEST = 2
+REFILL = 3
+ROUND_END = 4
+
+
+class Callback(Protocol):
+    """Called after every server step with its record; returns ``(stop, extra metrics)``."""
+
+    def __call__(self, record: dict[str, Any]) -> tuple[bool, dict[str, Any]]: ...
+
+
+@dataclass
+class History:
+    """One record per server step, as written to ``metrics.jsonl``, and the run's number
+    of clients."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    num_clients: int = 0
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.records[-1] if self.records else {}
+
+    def last_evaluated(self) -> dict[str, Any]:
+        for rec in reversed(self.records):
+            if rec.get("accuracy") is not None:
+                return rec
+        return {}
+
+    def series(self, key: str) -> list[Any]:
+        return [rec.get(key) for rec in self.records]
+
+
+def client_metric_means(metrics: Sequence[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """``client_<key>``: the mean over clients of every client metric except train_loss
+    (e.g. Ditto's ``client_trained_personal_accuracy``)."""
+    sums: dict[str, list[float]] = {}
+    for _, m in metrics:
+        for key, value in m.items():
+            if key not in ("train_loss", "local_steps"):
+                sums.setdefault(key, []).append(float(value))
+    return {f"client_{k}": float(np.mean(v)) for k, v in sums.items()}
+
+
+def delivery_metrics(
+    metrics: Sequence[tuple[int, dict[str, float]]], staleness: Sequence[int]
+) -> dict[str, Any]:
+    """A step's record fields from its delivered results: mean train loss, the clients'
+    other metrics, and staleness statistics."""
+    losses = [m["train_loss"] for _, m in metrics if "train_loss" in m]
+    out: dict[str, Any] = {"train_loss": float(np.mean(losses)) if losses else None}
+    out.update(client_metric_means(metrics))
+    out["staleness_mean"] = float(np.mean(staleness)) if len(staleness) else None
+    out["staleness_max"] = int(max(staleness)) if len(staleness) else None
+    return out
+
+
+class Engine:
+    """Runs a federated method in virtual time; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        run: RunConfig,
+        algorithm: Algorithm,
+        strategy: Strategy,
+        runtime: Runtime,
+        dataset: FederatedDataset,
+        system: SystemModel,
+        num_params: int,
+        clock: VirtualClock | None = None,
+        callbacks: Sequence[Callback] = (),
+        state_store: ClientStateStore | None = None,
+        initial_params: torch.Tensor | None = None,
+    ) -> None:
+        from roost.engine.asynchronous import AsyncPolicy
+        from roost.engine.rounds import RoundPolicy
+
+        self.run_config = run
+        self.algorithm = algorithm
+        self.strategy = strategy
+        self.runtime = runtime
+        self.dataset = dataset
+        self.system = system
+        self.num_params = num_params
+        self.clock = clock or VirtualClock()
+        self.callbacks = list(callbacks)
+        self.state_store = state_store
+        self.wall_offset_s = 0.0
+        self.initial_params = initial_params
+        self.test_data = dataset.test_data()
+        self.flights = FlightTable()
+        self.dispatches = np.zeros(dataset.num_clients, dtype=np.int64)
+        self.busy = np.zeros(dataset.num_clients, dtype=bool)
+        self.policy: RoundPolicy | AsyncPolicy = (
+            AsyncPolicy(self) if isinstance(strategy, AsyncStrategy) else RoundPolicy(self)
+        )
+
+    # ---- dispatching
+    def candidates(self, t: float) -> np.ndarray:
+        """Clients available at ``t`` and not in flight, in id order (one vectorised
+        query of the system model)."""
+        ids = np.arange(self.dataset.num_clients)
+        mask = self.system.available(ids, t) & ~self.busy
+        return ids[mask]
+
+    def plan_flight(self, client_id: int, round: int, payload: Payload, t: float) -> Flight:
+        """A task of ``client_id`` dispatched at ``t`` from ``payload`` (its timing from the
+        system model; not yet in flight, see :meth:`launch`)."""
+        self.dispatches[client_id] += 1
+        dispatch = int(self.dispatches[client_id])
+        work = self.algorithm.work_examples(self.dataset.num_examples(client_id))
+        down = payload.nbytes
+        up = self.algorithm.upload_nbytes(self.num_params)
+        timing = self.system.timing(client_id, t, work, down, up)
+        requests: tuple[float, ...] = ()
+        points = self.algorithm.request_points()
+        if points:
+            timing, requests = self._with_requests(client_id, timing, points, down, up)
+        seed = task_seed(self.run_config.seed, client_id, dispatch)
+        key = self.flights.new_key()
+        task = Task(client_id, round, payload.version, seed, key=key)
+        return Flight(key, task, timing, dispatch, work, down, up, requests)
+
+    def _with_requests(
+        self, client_id: int, timing: TaskTiming, points: Sequence[float], down: int, up: int
+    ) -> tuple[TaskTiming, tuple[float, ...]]:
+        """The timeline of a task whose procedure asks the server at fractions ``points`` of
+        its compute: each request is answered by a download of the model (charged on the
+        device's downlink from the request time), then the compute goes on."""
+        compute_s = timing.compute_end_s - timing.download_end_s
+        t, done, requests = timing.download_end_s, 0.0, []
+        for f in points:
+            t_request = t + (f - done) * compute_s
+            requests.append(t_request)
+            t = self.system.transfer_end_s(client_id, t_request, down, uplink=False)
+            done = f
+        compute_end = t + (1.0 - done) * compute_s
+        arrival = self.system.transfer_end_s(client_id, compute_end, up, uplink=True)
+        offline = self.system.offline_s(client_id, timing.start_s, arrival)
+        if offline is None and timing.offline_s is not None and timing.offline_s < arrival:
+            offline = timing.offline_s
+        extended = TaskTiming(timing.start_s, timing.download_end_s, compute_end, arrival, offline)
+        lost_at = offline if offline is not None else math.inf
+        return extended, tuple(r for r in requests if r < lost_at)
+
+    def launch(self, flight: Flight, payload: Payload) -> None:
+        """Put a planned task in flight: its arrival (or dropout) becomes an event."""
+        self.flights.add(flight, payload)
+        self.busy[flight.client_id] = True
+        self.clock.schedule(flight.end_s, ("task", flight.key), ARRIVAL)
+        for t in flight.requests_s[len(flight.answers) :]:
+            self.clock.schedule(t, ("request", flight.key), REQUEST)
+
+    def land(self, key: int) -> Flight:
+        """Take a task out of flight (delivered or lost); its client is idle again."""
+        flight = self.flights.remove(key)
+        self.busy[flight.client_id] = False
+        return flight
+
+    def snapshot(self, payload: Payload) -> Payload:
+        """The payload tasks in flight start from, kept while any of them is in flight
+        (shared by all tasks of one version)."""
+        kept = self.flights.snapshots.get(payload.version)
+        if kept is not None:
+            return kept
+        return Payload(payload.params.clone(), payload.version, dict(payload.extras))
+
+    # ---- steps
+    def check_finite(self, step: int, train_loss: float | None, server: dict[str, Any]) -> None:
+        """Raise :class:`Diverged` if the global model holds a NaN or Inf, or if a number
+        computed from it overflowed: the server's metrics (e.g. an ``update_norm`` past
+        float32's range, ~1.8e19) or the clients' mean train loss."""
+        params = self.strategy.params
+        models = (
+            [params] if self.strategy.eval_params is params else [params, self.strategy.eval_params]
+        )
+        bad = sum(m.numel() - int(torch.isfinite(m).sum()) for m in models)
+        if not bad:
+            overflowed = [
+                k
+                for k, v in [*server.items(), ("train_loss", train_loss)]
+                if isinstance(v, float) and not math.isfinite(v)
+            ]
+            if not overflowed:
+                return
+            what = f"a non-finite {' and '.join(overflowed)}"
+        else:
+            what = f"{bad:,} of the global model's {params.numel():,} values are NaN or Inf"
+            if train_loss is not None:
+                what += f" (the clients' mean train_loss was {train_loss:g})"
+        raise Diverged(
+            f"round {step}: {what} after the server step of algorithm={self.algorithm.name}; "
+            "the run diverged and stopped. Try a smaller learning rate (algorithm.lr, or "
+            "algorithm.server_lr for a server optimiser)"
+        )
+
+    def finish_record(self, record: dict[str, Any], step: int, wall_start: float) -> None:
+        """Add time and, when due, the evaluation to a step's record."""
+        record["virtual_time_s"] = self.clock.now
+        record["accuracy"] = record["loss"] = None
+        if self.due_eval(step):
+            if self.test_data is not None:
+                loss, acc = self.runtime.evaluate(self.strategy.eval_params, self.test_data)
+                record["accuracy"], record["loss"] = acc, loss
+            if self.algorithm.evaluates_personal_models():
+                record.update(self.evaluate_personal())
+        record["wall_time_s"] = self.wall_offset_s + (time.perf_counter() - wall_start)
+
+    def evaluate_personal(self) -> dict[str, Any]:
+        """Every client's personal model on its own test split (clients with no state yet
+        at the initial model): ``personal_accuracy`` = correct predictions over all
+        clients' test examples, ``personal_loss`` example-weighted, and how many clients
+        were measured. Empty when the data has no per-client test splits."""
+        if self.state_store is None or self.initial_params is None:
+            raise RuntimeError("personal evaluation needs the state store and w^0")
+        loss_sum, correct, examples, clients = 0.0, 0, 0, 0
+        for cid in range(self.dataset.num_clients):
+            test = self.dataset.client_test_data(cid)
+            if test is None or len(test) == 0:
+                continue
+            state = self.state_store.get(cid)
+            params = self.initial_params if state is None else self.algorithm.personal_params(state)
+            loss, acc = self.runtime.evaluate(params, test)
+            n = len(test)
+            loss_sum += loss * n
+            correct += round(acc * n)
+            examples += n
+            clients += 1
+        if not examples:
+            return {}
+        return {
+            "personal_accuracy": correct / examples,
+            "personal_loss": loss_sum / examples,
+            "personal_clients": clients,
+        }
+
+    def due_eval(self, step: int) -> bool:
+        cfg = self.run_config
+        return step == cfg.rounds or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
+
+    def stop_reason(self, record: dict[str, Any]) -> str | None:
+        """Why the run stops after this step, or None: a target accuracy reached or the
+        virtual-time budget used up."""
+        cfg = self.run_config
+        acc = record.get("accuracy")
+        if cfg.target_accuracy is not None and acc is not None and acc >= cfg.target_accuracy:
+            return f"target_accuracy {cfg.target_accuracy:g} reached ({acc:.4f})"
+        budget = cfg.virtual_time_budget_s
+        if budget is not None and record["virtual_time_s"] >= budget:
+            return f"virtual_time_budget_s {budget:g} used ({record['virtual_time_s']:.1f} s)"
+        return None
+
+    # ---- the run
+    def run(self, start_round: int = 1, history: History | None = None) -> History:
+        """Run server steps ``start_round .. rounds``; the stop rules and callbacks may
+        stop early, and an asynchronous run also ends when no client can ever be
+        dispatched again."""
+        history = history or History()
+        wall_start = time.perf_counter()
+        for step in range(start_round, self.run_config.rounds + 1):
+            record = self.policy.next_record(step, wall_start)
+            if record is None:
+                break
+            reason = self.stop_reason(record)
+            if reason is not None:
+                record["stopped"] = reason
+            stop = reason is not None
+            for cb in self.callbacks:
+                s, extra = cb(record)
+                record.update(extra)
+                stop = stop or s
+            history.records.append(record)
+            if stop:
+                break
+        return history
+
+    # ---- checkpoints
+    def state_dict(self, with_snapshots: bool = True) -> dict[str, Any]:
+        """What a resumed run needs besides the strategy and the client state: the clock,
+        every client's dispatch count, the tasks in flight with (unless the caller stores
+        them itself, ``flights.snapshot_dicts()``) their snapshots, and the policy's
+        counters."""
+        return {
+            "virtual_time_s": self.clock.now,
+            "dispatches": torch.from_numpy(self.dispatches.copy()),
+            "flights": self.flights.state_dict(with_snapshots),
+            "policy": self.policy.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.clock = VirtualClock(float(state["virtual_time_s"]))
+        self.dispatches = state["dispatches"].numpy().astype(np.int64).copy()
+        self.flights = FlightTable.from_state_dict(state["flights"])
+        self.busy[:] = False
+        for key in sorted(self.flights.flights):
+            flight = self.flights.flights[key]
+            self.busy[flight.client_id] = True
+            self.clock.schedule(flight.end_s, ("task", key), ARRIVAL)
+            for t in flight.requests_s[len(flight.answers) :]:
+                self.clock.schedule(t, ("request", key), REQUEST)
+        self.policy.load_state_dict(state["policy"])
