@@ -23,7 +23,7 @@ from roost.engine import Callback, Engine, History
 from roost.errors import Diverged
 from roost.registry import ConfigError
 from roost.runtime.base import RUNTIMES, Job
-from roost.runtime.threads import default_threads
+from roost.runtime.threads import default_threads, macs_per_example
 from roost.state import ClientStateStore, make_state_store
 from roost.state.base import STATE_FILE_NAME
 from roost.system import build_system
@@ -190,6 +190,10 @@ def _execute_run(
     )
     runtime = RUNTIMES.get(cfg.name("runtime")).factory(cfg.config("runtime"))
     system = build_system(cfg.name("system"), cfg.config("system"), rc.seed, dataset.num_clients)
+    try:  # a model the count cannot run on one zero example keeps the system's own cost
+        system.set_model_cost(macs_per_example(parts.build_module(), dataset.info))
+    except Exception:  # noqa: S110
+        pass
     engine = Engine(
         run=rc,
         algorithm=algorithm,
