@@ -7,6 +7,7 @@ system model, the runtime, and the callbacks that write metrics and checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -190,10 +191,9 @@ def _execute_run(
     )
     runtime = RUNTIMES.get(cfg.name("runtime")).factory(cfg.config("runtime"))
     system = build_system(cfg.name("system"), cfg.config("system"), rc.seed, dataset.num_clients)
-    try:  # a model the count cannot run on one zero example keeps the system's own cost
+    # a model the count cannot run on one zero example keeps the system's own cost
+    with contextlib.suppress(Exception):
         system.set_model_cost(macs_per_example(parts.build_module(), dataset.info))
-    except Exception:  # noqa: S110
-        pass
     engine = Engine(
         run=rc,
         algorithm=algorithm,

@@ -23,4 +23,4 @@ __all__ = [
     "TaskTiming",
     "build_system",
 ]
-import roost.system.traces  # noqa: E402, F401  (registers system=trace)
+import roost.system.traces  # noqa: F401  (registers system=trace)

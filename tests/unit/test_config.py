@@ -148,7 +148,10 @@ def test_resolved_tree_round_trips_through_json():
     [
         (["roundz=3"], "roundz=3: unknown key; allowed:"),
         (["rounds=0"], "rounds=0: must be >= 1"),
-        (["algorithm=fedfoo"], "algorithm=fedfoo: allowed: ditto, fedadagrad, fedadam, fedasync, fedavg"),
+        (
+            ["algorithm=fedfoo"],
+            "algorithm=fedfoo: allowed: ditto, fedadagrad, fedadam, fedasync, fedavg",
+        ),
         (["model.hidden=abc"], "model.hidden=abc: expected an integer"),
         (["rounds"], "rounds=: expected KEY=VALUE"),
         (["optimizer.lr=1"], "optimizer.lr=1: unknown section 'optimizer'"),
