@@ -369,8 +369,10 @@ class Algorithm:
         """Examples processed by one task (for the system model's compute time)."""
         return num_examples * self.config.local_epochs
 
-    def upload_nbytes(self, num_params: int) -> int:
-        """Bytes a client uploads per task (default: one float32 model)."""
+    def upload_nbytes(self, num_params: int, version: int = 0) -> int:
+        """Bytes a client uploads per task that starts from model ``version`` (default:
+        one float32 model; a compressed upload may depend on the version through its
+        schedule)."""
         return 4 * num_params
 
 

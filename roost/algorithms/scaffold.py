@@ -150,7 +150,7 @@ class Scaffold(Algorithm):
     def client_state_spec(self, num_params: int) -> dict[str, int]:
         return {"control": num_params}
 
-    def upload_nbytes(self, num_params: int) -> int:
+    def upload_nbytes(self, num_params: int, version: int = 0) -> int:
         return 2 * 4 * num_params
 
     def update(

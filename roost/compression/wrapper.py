@@ -131,7 +131,7 @@ class Compressed(Algorithm):
         With a decaying schedule the size depends on the model version; callers that do
         not pass ``version`` get the size at version 0.
         """
-        inner = self.inner.upload_nbytes(num_params)
+        inner = self.inner.upload_nbytes(num_params, version)
         compressor = self.compressor_at(version)
         if compressor is None:
             return inner

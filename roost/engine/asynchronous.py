@@ -154,8 +154,8 @@ class AsyncPolicy:
                 ]
             )
             payload = self.strategy.payload(self.strategy.version)
-            up = e.algorithm.upload_nbytes(e.num_params)
-            self._min_task_s = float(e.system.min_task_time_s(work, payload.nbytes, up))
+            # uploads may shrink with the version (compression schedules): bound them by 0
+            self._min_task_s = float(e.system.min_task_time_s(work, payload.nbytes, 0))
         return self._min_task_s
 
     def _needed(self, step: int) -> int | None:

@@ -176,7 +176,7 @@ class Engine:
         dispatch = int(self.dispatches[client_id])
         work = self.algorithm.work_examples(self.dataset.num_examples(client_id))
         down = payload.nbytes
-        up = self.algorithm.upload_nbytes(self.num_params)
+        up = self.algorithm.upload_nbytes(self.num_params, payload.version)
         timing = self.system.timing(client_id, t, work, down, up)
         requests: tuple[float, ...] = ()
         points = self.algorithm.request_points()

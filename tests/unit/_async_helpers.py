@@ -53,9 +53,9 @@ class CountingRuntime(LocalRuntime):
         self.batch_hint = batch_hint
         self.computed: list[list[int]] = []
 
-    def execute(self, tasks, payloads, num_groups=1, defer_state=False):
+    def execute(self, tasks, payloads, num_groups=1, defer_state=False, answers=None):
         self.computed.append([t.client_id for t in tasks])
-        return super().execute(tasks, payloads, num_groups, defer_state)
+        return super().execute(tasks, payloads, num_groups, defer_state, answers)
 
 
 def make_engine(
