@@ -6,6 +6,7 @@ module holding its config, server strategy and client update rule.
 
 from __future__ import annotations
 
+from roost.algorithms.amble import AMBLE, AMBLEConfig, AMBLEStrategy
 from roost.algorithms.asynchronous import Arrival, AsyncStrategy
 from roost.algorithms.base import ALGORITHMS, Algorithm, Strategy
 from roost.algorithms.ditto import Ditto, DittoConfig
@@ -26,9 +27,14 @@ from roost.algorithms.fedopt import (
 )
 from roost.algorithms.fedprox import FedProx, FedProxConfig
 from roost.algorithms.scaffold import Scaffold, ScaffoldConfig, ScaffoldStrategy
+from roost.algorithms.teasq import TEASQ, TEASQConfig, TEASQStrategy
 
 __all__ = [
     "ALGORITHMS",
+    "AMBLE",
+    "TEASQ",
+    "AMBLEConfig",
+    "AMBLEStrategy",
     "Algorithm",
     "Arrival",
     "AsyncStrategy",
@@ -65,4 +71,6 @@ __all__ = [
     "ScaffoldConfig",
     "ScaffoldStrategy",
     "Strategy",
+    "TEASQConfig",
+    "TEASQStrategy",
 ]

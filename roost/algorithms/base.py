@@ -214,7 +214,9 @@ class ClientContext:
     """Everything about one client task that is not the model, data, payload or state.
 
     ``test_data`` is the client's own held-out split, loaded only for algorithms that set
-    ``Algorithm.uses_client_test_data`` (personalised methods such as Ditto).
+    ``Algorithm.uses_client_test_data`` (personalised methods such as Ditto). ``settings``
+    are this task's overrides of the algorithm's config fields, chosen by the strategy
+    (:meth:`Strategy.configure_tasks`); :meth:`Algorithm.task_config` applies them.
     """
 
     client_id: int
@@ -223,6 +225,7 @@ class ClientContext:
     num_examples: int
     generator: torch.Generator
     test_data: ClientData | None = None
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
 
 class UpdateOutput(NamedTuple):
@@ -291,6 +294,21 @@ class Strategy:
 
     def payload(self, round: int) -> Payload:
         return Payload(self.params, self.version)
+
+    def configure_tasks(
+        self, round: int, clients: Sequence[int], rng: np.random.Generator
+    ) -> dict[int, dict[str, Any]]:
+        """Per-client overrides of the local training for these clients' tasks (Flower's
+        ``configure_fit``): ``{client: {"local_epochs": 3, ...}}`` with any field of the
+        algorithm's config; clients not in the result train with the config as it is.
+        ``rng`` is the round's (or, asynchronously, the dispatch's) own stream. The
+        engine charges each task's work and bytes from its settings."""
+        return {}
+
+    def observe(self, arrivals: Sequence[Any]) -> None:
+        """The :class:`~roost.algorithms.asynchronous.Arrival` of every result delivered
+        in this round, in arrival order, before :meth:`step` (methods that learn the
+        devices' speeds, such as AMBLE, use it)."""
 
     @property
     def eval_params(self) -> torch.Tensor:
@@ -365,9 +383,17 @@ class Algorithm:
         of its compute (empty: a plain update that never asks the server anything)."""
         return ()
 
-    def work_examples(self, num_examples: int) -> int:
-        """Examples processed by one task (for the system model's compute time)."""
-        return num_examples * self.config.local_epochs
+    def task_config(self, ctx: ClientContext) -> Any:
+        """The config one task trains with: :attr:`config` with the task's settings."""
+        if not ctx.settings:
+            return self.config
+        return dataclasses.replace(self.config, **ctx.settings)
+
+    def work_examples(self, num_examples: int, settings: Mapping[str, Any] | None = None) -> int:
+        """Examples processed by one task (for the system model's compute time), with
+        the task's settings (its ``local_epochs``)."""
+        epochs = (settings or {}).get("local_epochs", self.config.local_epochs)
+        return num_examples * int(epochs)
 
     def upload_nbytes(self, num_params: int, version: int = 0) -> int:
         """Bytes a client uploads per task that starts from model ``version`` (default:

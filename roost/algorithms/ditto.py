@@ -47,8 +47,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -108,8 +109,12 @@ class Ditto(Algorithm):
     def client_state_spec(self, num_params: int) -> dict[str, int]:
         return {"personal": num_params}
 
-    def work_examples(self, num_examples: int) -> int:
-        return num_examples * (self.config.local_epochs + self.config.personal_epochs)
+    def work_examples(self, num_examples: int, settings: Mapping[str, Any] | None = None) -> int:
+        s = settings or {}
+        epochs = s.get("local_epochs", self.config.local_epochs)
+        return num_examples * (
+            int(epochs) + int(s.get("personal_epochs", self.config.personal_epochs))
+        )
 
     def evaluates_personal_models(self) -> bool:
         return self.config.personal_eval == "all"
@@ -125,7 +130,7 @@ class Ditto(Algorithm):
         payload: Payload,
         state: Tensors | None,
     ) -> UpdateOutput:
-        cfg = self.config
+        cfg = self.task_config(ctx)
         w_global = payload.params
 
         # (1) the personal model, from v_k (w^t on the client's first task).

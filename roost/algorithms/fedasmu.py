@@ -243,7 +243,7 @@ class FedASMU(Algorithm):
     def _train(
         self, ctx: ClientContext, model: FlatModel, data: ClientData, payload: Payload
     ) -> UpdateOutput:
-        cfg = self.config
+        cfg = self.task_config(ctx)
         probe = data.x[: cfg.batch_size], data.y[: cfg.batch_size]
         before = _probe_loss(model, *probe) if cfg.control_lr else 0.0
         stepper = SGDStepper(model, cfg)
@@ -259,7 +259,7 @@ class FedASMU(Algorithm):
         payload: Payload,
         state: Tensors | None,
     ) -> Generator[Any, Any, UpdateOutput]:
-        cfg = self.config
+        cfg = self.task_config(ctx)
         gamma, upsilon = (
             (cfg.gamma0, cfg.upsilon0) if state is None else state["merge_controls"].tolist()
         )

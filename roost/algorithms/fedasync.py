@@ -138,7 +138,7 @@ class FedAsync(Algorithm):
         payload: Payload,
         state: Tensors | None,
     ) -> UpdateOutput:
-        cfg = self.config
+        cfg = self.task_config(ctx)
         correction = None
         if cfg.rho > 0:
             correction = proximal_correction(payload.params, cfg.rho, model.scratch("proximal"))

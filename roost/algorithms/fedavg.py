@@ -124,4 +124,4 @@ class FedAvg(Algorithm):
         payload: Payload,
         state: Tensors | None,
     ) -> UpdateOutput:
-        return fedavg_update(ctx, model, data, self.config, self.config.weighted)
+        return fedavg_update(ctx, model, data, self.task_config(ctx), self.config.weighted)

@@ -166,4 +166,4 @@ class FedBuff(Algorithm):
         payload: Payload,
         state: Tensors | None,
     ) -> UpdateOutput:
-        return delta_update(ctx, model, data, payload, self.config)
+        return delta_update(ctx, model, data, payload, self.task_config(ctx))

@@ -165,7 +165,7 @@ class FedDyn(Algorithm):
             if grad_k is not None:
                 grads.sub_(grad_k)
 
-        res = local_sgd(ctx, model, data, self.config, correction)
+        res = local_sgd(ctx, model, data, self.task_config(ctx), correction)
 
         # ∇_k ← ∇_k − α (θ_k − θ^{t−1}), into a resident buffer (the store copies it).
         torch.sub(model.params, anchor, out=diff)

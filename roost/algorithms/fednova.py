@@ -20,6 +20,10 @@ scalar ``a`` = a_k, weight ``n_k``. With ``p_k = n_k / Σ_{j∈S_t} n_j`` the se
 (η_g = ``server_lr``, 1 by default), as in Flower's ``baselines/niid_bench`` FedNova
 strategy. With ρ = 0 and equal τ_k this is exactly FedAvg. The paper's optional proximal
 term (FedProx + FedNova) is not implemented here.
+
+``local_epochs_max`` runs the paper's heterogeneous setting: each client's epochs are
+drawn per round uniformly from ``local_epochs..local_epochs_max``
+(:mod:`roost.algorithms.local_work`; the paper used 2 to 5).
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 from roost.algorithms.base import (
@@ -44,6 +50,7 @@ from roost.algorithms.base import (
 )
 from roost.algorithms.fedavg import combine
 from roost.algorithms.local_sgd import local_sgd
+from roost.algorithms.local_work import random_epochs
 from roost.data.base import ClientData
 from roost.params import FlatModel
 from roost.registry import check
@@ -53,9 +60,12 @@ __all__ = ["FedNova", "FedNovaConfig", "FedNovaStrategy", "fednova_normalizer"]
 
 @dataclass(frozen=True)
 class FedNovaConfig(ClientOptimConfig):
-    """server_lr: global learning rate η_g (> 0; 1 = the paper's default)."""
+    """server_lr: global learning rate η_g (> 0; 1 = the paper's default).
+    local_epochs_max: draw each client's epochs per round from local_epochs..this
+    (None: every client runs local_epochs)."""
 
     server_lr: float = 1.0
+    local_epochs_max: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,6 +74,12 @@ class FedNovaConfig(ClientOptimConfig):
             "server_lr",
             self.server_lr,
             "must be a number > 0",
+        )
+        check(
+            self.local_epochs_max is None or self.local_epochs_max >= self.local_epochs,
+            "local_epochs_max",
+            self.local_epochs_max,
+            f"must be >= local_epochs ({self.local_epochs}) or none",
         )
 
 
@@ -77,9 +93,18 @@ def fednova_normalizer(steps: int, rho: float) -> float:
 class FedNovaStrategy(Strategy):
     """``w ← w − η_g τ_eff Σ p_k d_k`` with ``τ_eff = Σ p_k a_k`` (p_k = n_k / Σ n)."""
 
-    def __init__(self, server_lr: float = 1.0) -> None:
+    def __init__(self, server_lr: float = 1.0, epochs: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.server_lr = server_lr
+        self.epochs = epochs
+
+    def configure_tasks(
+        self, round: int, clients: Sequence[int], rng: np.random.Generator
+    ) -> dict[int, dict[str, Any]]:
+        """Each client's epochs drawn uniformly from ``epochs`` (when set)."""
+        if self.epochs is None:
+            return {}
+        return random_epochs(clients, rng, *self.epochs)
 
     def step(self, round: int, contributions: Sequence[Contribution]) -> dict[str, float]:
         total = combine(contributions)
@@ -100,7 +125,9 @@ class FedNova(Algorithm):
     config: FedNovaConfig
 
     def make_strategy(self) -> Strategy:
-        return FedNovaStrategy(self.config.server_lr)
+        c = self.config
+        epochs = None if c.local_epochs_max is None else (c.local_epochs, c.local_epochs_max)
+        return FedNovaStrategy(c.server_lr, epochs)
 
     def update(
         self,
@@ -111,7 +138,7 @@ class FedNova(Algorithm):
         state: Tensors | None,
     ) -> UpdateOutput:
         w_global = payload.params
-        res = local_sgd(ctx, model, data, self.config)
+        res = local_sgd(ctx, model, data, self.task_config(ctx))
         a = fednova_normalizer(res.steps, self.config.momentum)
         # d_k = (w^t − w_k) / a_k, written into the gradient buffer (free after training)
         # so the task allocates nothing and the trained weights stay in place.

@@ -221,7 +221,7 @@ class _FedOptAlgorithm(Algorithm):
         payload: Payload,
         state: Tensors | None,
     ) -> UpdateOutput:
-        return fedavg_update(ctx, model, data, self.config, self.config.weighted)
+        return fedavg_update(ctx, model, data, self.task_config(ctx), self.config.weighted)
 
 
 @register_algorithm("fedadagrad")

@@ -12,14 +12,20 @@ With ``μ = 0`` the correction is not installed at all, so FedProx is bit-identi
 FedAvg. The server is FedAvg's (:class:`~roost.algorithms.fedavg.FedAvgStrategy`, held by
 composition): ``w^{t+1} = Σ n_k w_k / Σ n_k`` (uniform with ``weighted=False``; the paper
 samples devices ∝ n_k and then averages uniformly, Flower and PFLlib weight by ``n_k``).
-Partial work of stragglers is modelled by the runtime/system model, not here.
+``stragglers = x`` runs the paper's systems heterogeneity (§5.2): each round a fraction
+``x`` of the selected devices run a number of local epochs drawn uniformly from
+``{1, ..., E}`` (:mod:`roost.algorithms.local_work`), and their partial work is kept (the
+paper's FedAvg baseline drops it instead: not built here).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 from roost.algorithms.base import (
@@ -31,24 +37,42 @@ from roost.algorithms.base import (
     UpdateOutput,
     register_algorithm,
 )
-from roost.algorithms.fedavg import FedAvg, FedAvgConfig, fedavg_update
+from roost.algorithms.fedavg import FedAvg, FedAvgConfig, FedAvgStrategy, fedavg_update
 from roost.algorithms.local_sgd import GradCorrection
+from roost.algorithms.local_work import stragglers
 from roost.data.base import ClientData
 from roost.params import FlatModel
 from roost.registry import check
 
-__all__ = ["FedProx", "FedProxConfig"]
+__all__ = ["FedProx", "FedProxConfig", "FedProxStrategy"]
 
 
 @dataclass(frozen=True)
 class FedProxConfig(FedAvgConfig):
-    """mu: proximal coefficient μ >= 0 (paper grid 0.001, 0.01, 0.1, 1; 0 = FedAvg)."""
+    """mu: proximal coefficient μ >= 0 (paper grid 0.001, 0.01, 0.1, 1; 0 = FedAvg).
+    stragglers: fraction of each round's devices that run a random 1..E epochs (the
+    paper's 0, 0.5 and 0.9; 0 = none)."""
 
     mu: float = 0.01
+    stragglers: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.mu >= 0 and math.isfinite(self.mu), "mu", self.mu, "must be a number >= 0")
+        check(0 <= self.stragglers <= 1, "stragglers", self.stragglers, "must be in [0, 1]")
+
+
+class FedProxStrategy(FedAvgStrategy):
+    """FedAvg's server; draws the round's stragglers (module docstring)."""
+
+    def __init__(self, fraction: float, epochs: int) -> None:
+        super().__init__()
+        self.fraction, self.epochs = fraction, epochs
+
+    def configure_tasks(
+        self, round: int, clients: Sequence[int], rng: np.random.Generator
+    ) -> dict[int, dict[str, Any]]:
+        return stragglers(clients, rng, self.fraction, self.epochs)
 
 
 def proximal_correction(anchor: torch.Tensor, mu: float, scratch: torch.Tensor) -> GradCorrection:
@@ -76,6 +100,8 @@ class FedProx(Algorithm):
         self.fedavg = FedAvg(config)
 
     def make_strategy(self) -> Strategy:
+        if self.config.stragglers:
+            return FedProxStrategy(self.config.stragglers, self.config.local_epochs)
         return self.fedavg.make_strategy()
 
     def update(
@@ -86,7 +112,7 @@ class FedProx(Algorithm):
         payload: Payload,
         state: Tensors | None,
     ) -> UpdateOutput:
-        cfg = self.config
+        cfg = self.task_config(ctx)
         correction = None
         if cfg.mu != 0:
             correction = proximal_correction(payload.params, cfg.mu, model.scratch("proximal"))

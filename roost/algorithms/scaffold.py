@@ -175,7 +175,8 @@ class Scaffold(Algorithm):
         def correction(params: torch.Tensor, grads: torch.Tensor) -> None:
             grads.add_(shift)
 
-        res = local_sgd(ctx, model, data, self.config, correction)
+        cfg = self.task_config(ctx)
+        res = local_sgd(ctx, model, data, cfg, correction)
 
         # Δy = y − x into the gradient buffer (free after training); y stays in place.
         delta = torch.sub(model.params, x, out=model.grads)
@@ -183,7 +184,7 @@ class Scaffold(Algorithm):
         control_delta = shift
         new_control = model.scratch("scaffold_control")
         if res.steps > 0:
-            torch.mul(delta, -1.0 / (res.steps * self.config.lr), out=control_delta)
+            torch.mul(delta, -1.0 / (res.steps * cfg.lr), out=control_delta)
             control_delta.sub_(c)
         else:  # no data, no step: nothing learnt, the control stays
             control_delta.zero_()

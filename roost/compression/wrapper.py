@@ -41,7 +41,7 @@ the task seed alone, a stream separate from local training's.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -115,8 +115,8 @@ class Compressed(Algorithm):
     def personal_params(self, state: Tensors) -> torch.Tensor:
         return self.inner.personal_params({k: v for k, v in state.items() if k != EF_MEMORY})
 
-    def work_examples(self, num_examples: int) -> int:
-        return self.inner.work_examples(num_examples)
+    def work_examples(self, num_examples: int, settings: Mapping[str, Any] | None = None) -> int:
+        return self.inner.work_examples(num_examples, settings)
 
     # ------------------------------------------------------------------ compression
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from roost.algorithms.asynchronous import Arrival, AsyncStrategy
+from roost.algorithms.asynchronous import AsyncStrategy
 from roost.engine.core import REFILL, WAKE, delivery_metrics
 from roost.engine.flight import Computed, certain_prefix
 from roost.registry import ConfigError
@@ -108,7 +108,10 @@ class AsyncPolicy:
 
     def _dispatch(self, client_id: int, payload: Any) -> None:
         e = self.engine
-        flight = e.plan_flight(client_id, self.strategy.version, payload, e.clock.now)
+        version = self.strategy.version
+        rng = np.random.default_rng([e.run_config.seed, 11, e.flights.next_key])
+        settings = self.strategy.configure_tasks(version, [client_id], rng).get(client_id)
+        flight = e.plan_flight(client_id, version, payload, e.clock.now, settings)
         e.launch(flight, e.snapshot(payload))
 
     def _refill(self) -> None:
@@ -294,16 +297,7 @@ class AsyncPolicy:
             e.land(key)
             if done.state is not None and e.state_store is not None:
                 e.state_store.put(flight.client_id, done.state)
-            arrival = Arrival(
-                flight.client_id,
-                flight.task.version,
-                self.strategy.version,
-                flight.timing.start_s,
-                flight.timing.arrival_s,
-                flight.timing.compute_end_s - flight.timing.download_end_s,
-                e.dataset.num_examples(flight.client_id),
-                flight.work_examples,
-            )
+            arrival = e.arrival(flight)
             self.metrics.append((flight.client_id, done.metrics))
             self.staleness.append(arrival.staleness)
             self.bytes_down += flight.down_bytes

@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from roost.algorithms.asynchronous import AsyncStrategy
+from roost.algorithms.asynchronous import Arrival, AsyncStrategy
 from roost.algorithms.base import Algorithm, Payload, Strategy
 from roost.clock import VirtualClock
 from roost.config import RunConfig
@@ -169,12 +169,21 @@ class Engine:
         mask = self.system.available(ids, t) & ~self.busy
         return ids[mask]
 
-    def plan_flight(self, client_id: int, round: int, payload: Payload, t: float) -> Flight:
-        """A task of ``client_id`` dispatched at ``t`` from ``payload`` (its timing from the
-        system model; not yet in flight, see :meth:`launch`)."""
+    def plan_flight(
+        self,
+        client_id: int,
+        round: int,
+        payload: Payload,
+        t: float,
+        settings: Mapping[str, Any] | None = None,
+    ) -> Flight:
+        """A task of ``client_id`` dispatched at ``t`` from ``payload`` with the strategy's
+        ``settings`` for it (its work and timing from them and the system model; not yet
+        in flight, see :meth:`launch`)."""
         self.dispatches[client_id] += 1
         dispatch = int(self.dispatches[client_id])
-        work = self.algorithm.work_examples(self.dataset.num_examples(client_id))
+        settings = dict(settings or {})
+        work = self.algorithm.work_examples(self.dataset.num_examples(client_id), settings)
         down = payload.nbytes
         up = self.algorithm.upload_nbytes(self.num_params, payload.version)
         timing = self.system.timing(client_id, t, work, down, up)
@@ -184,7 +193,14 @@ class Engine:
             timing, requests = self._with_requests(client_id, timing, points, down, up)
         seed = task_seed(self.run_config.seed, client_id, dispatch)
         key = self.flights.new_key()
-        task = Task(client_id, round, payload.version, seed, key=key)
+        task = Task(
+            client_id,
+            round,
+            payload.version,
+            seed,
+            key=key,
+            settings=tuple(sorted(settings.items())),
+        )
         return Flight(key, task, timing, dispatch, work, down, up, requests)
 
     def _with_requests(
@@ -222,6 +238,19 @@ class Engine:
         flight = self.flights.remove(key)
         self.busy[flight.client_id] = False
         return flight
+
+    def arrival(self, flight: Flight) -> Arrival:
+        """What the strategy learns about a result delivered now."""
+        return Arrival(
+            flight.client_id,
+            flight.task.version,
+            self.strategy.version,
+            flight.timing.start_s,
+            flight.timing.arrival_s,
+            flight.timing.compute_end_s - flight.timing.download_end_s,
+            self.dataset.num_examples(flight.client_id),
+            flight.work_examples,
+        )
 
     def snapshot(self, payload: Payload) -> Payload:
         """The payload tasks in flight start from, kept while any of them is in flight
@@ -354,7 +383,7 @@ class Engine:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.clock = VirtualClock(float(state["virtual_time_s"]))
+        self.clock = type(self.clock)(float(state["virtual_time_s"]))  # a wall clock stays one
         self.dispatches = state["dispatches"].numpy().astype(np.int64).copy()
         self.flights = FlightTable.from_state_dict(state["flights"])
         self.busy[:] = False

@@ -123,6 +123,7 @@ class FlightTable:
                 {
                     "key": f.key,
                     "task": [f.task.client_id, f.task.round, f.task.version, f.task.seed],
+                    "settings": [list(kv) for kv in f.task.settings],
                     "timing": [
                         f.timing.start_s,
                         f.timing.download_end_s,
@@ -148,11 +149,12 @@ class FlightTable:
             table.snapshots[int(v)] = Payload(p["params"], int(v), dict(p["extras"]))
         for f in state["flights"]:
             cid, rnd, version, seed = f["task"]
+            settings = tuple((str(k), v) for k, v in f.get("settings", []))
             start, down, compute, arrival, offline = f["timing"]
             work, down_b, up_b = f["work"]
             table.flights[int(f["key"])] = Flight(
                 int(f["key"]),
-                Task(int(cid), int(rnd), int(version), int(seed)),
+                Task(int(cid), int(rnd), int(version), int(seed), 0, int(f["key"]), settings),
                 TaskTiming(start, down, compute, arrival, offline),
                 int(f["dispatch"]),
                 int(work),

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from roost.algorithms.asynchronous import Arrival
 from roost.engine.core import ROUND_END, delivery_metrics
 from roost.errors import RoostWarning
 
@@ -100,9 +101,10 @@ class RoundPolicy:
         selected = strategy.select(
             r, e.candidates(t0), math.ceil(k * (1 + cfg.over_selection)), rng
         )
-        planned = [e.plan_flight(cid, r, payload, t0) for cid in selected]
-        arrivals = [math.inf if f.lost else f.timing.arrival_s for f in planned]
-        plan = plan_round(selected, arrivals, t0, k, cfg.deadline_s)
+        settings = strategy.configure_tasks(r, selected, np.random.default_rng([cfg.seed, 10, r]))
+        planned = [e.plan_flight(cid, r, payload, t0, settings.get(cid)) for cid in selected]
+        arrival_s = [math.inf if f.lost else f.timing.arrival_s for f in planned]
+        plan = plan_round(selected, arrival_s, t0, k, cfg.deadline_s)
         counted = set(plan.counted)
         carry = cfg.late_results == "carry"
         kept = [f for f in planned if f.client_id in counted or (carry and not f.lost)]
@@ -145,6 +147,7 @@ class RoundPolicy:
             outcome.requests = more.requests
 
         staleness: list[int] = []
+        arrivals: list[Arrival] = []
         while True:
             ev = e.clock.pop()
             kind, key = ev.payload
@@ -152,6 +155,8 @@ class RoundPolicy:
                 break
             flight = e.land(key)
             staleness.append(strategy.version - flight.task.version)
+            arrivals.append(e.arrival(flight))
+        strategy.observe(arrivals)
 
         record: dict[str, Any] = {"round": r}
         fields = delivery_metrics(outcome.client_metrics, staleness)

@@ -56,6 +56,7 @@ class Task:
 
     ``key`` identifies the task across executes: a procedure that yields a request is
     suspended under it and resumed by a later execute of the same task with the answer.
+    ``settings`` are its overrides of the algorithm's config (``ClientContext.settings``).
     """
 
     client_id: int
@@ -64,6 +65,7 @@ class Task:
     seed: int
     group: int = 0
     key: int = -1
+    settings: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass

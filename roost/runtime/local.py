@@ -131,7 +131,15 @@ class LocalRuntime(Runtime):
                 test = job.dataset.client_test_data(cid) if wants_test else None
                 if test is not None:
                     test = test.to(device)
-                ctx = ClientContext(cid, task.round, task.seed, len(data), self._generator, test)
+                ctx = ClientContext(
+                    cid,
+                    task.round,
+                    task.seed,
+                    len(data),
+                    self._generator,
+                    test,
+                    dict(task.settings),
+                )
                 state = store.get(cid) if stateful else None
                 if state is not None:
                     state = tensors_to(state, device)

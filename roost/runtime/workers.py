@@ -187,7 +187,10 @@ class WorkersRuntime(Runtime):
         tasks = [t for t in tasks if t.key not in answers]
         self._round = (tasks or resumed)[0].round if (tasks or resumed) else self._round
         units = [
-            float(job.algorithm.work_examples(job.dataset.num_examples(t.client_id))) for t in tasks
+            float(
+                job.algorithm.work_examples(job.dataset.num_examples(t.client_id), dict(t.settings))
+            )
+            for t in tasks
         ]
         plan = scheduler.plan(units)
         # a prediction in seconds needs a measured worker; before that it is in units
