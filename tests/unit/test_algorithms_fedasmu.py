@@ -3,6 +3,7 @@ oracle exists: the paper's body was not reachable)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -25,7 +26,7 @@ def test_server_weight_by_hand():
     # α in [0, 1) and decreasing in the staleness for σ > 0
     weights = [server_weight(10, d, 1.0, 0.5, 0.0, 1.0) for d in range(1, 30)]
     assert all(0 <= a < 1 for a in weights)
-    assert all(a > b for a, b in zip(weights, weights[1:], strict=False))
+    assert all(a > b for a, b in itertools.pairwise(weights))
 
 
 def test_device_merge_weight_by_hand():
