@@ -24,7 +24,7 @@ from roost.models import build_model
 from roost.params import ParamLayout
 from roost.registry import ConfigError
 
-__all__ = ["RunParts", "build_module", "build_parts", "initial_params"]
+__all__ = ["RunParts", "WorkerParts", "build_module", "build_parts", "initial_params"]
 
 
 def build_module(name: str, config: Any, info: DatasetInfo) -> nn.Module:
@@ -64,9 +64,23 @@ def build_parts(cfg: ResolvedConfig) -> RunParts:
     return RunParts(dataset, algorithm, builder)
 
 
+@dataclass(frozen=True)
+class WorkerParts:
+    """The picklable builder a worker process runs (``Job.parts``): the run's parts from
+    its resolved config tree, so only the tree is pickled."""
+
+    tree: dict[str, Any]
+
+    def __call__(self) -> tuple[Algorithm, FederatedDataset, Callable[[], nn.Module]]:
+        from roost.config import resolve
+
+        parts = build_parts(resolve(self.tree))
+        return parts.algorithm, parts.dataset, parts.build_module
+
+
 def initial_params(cfg: ResolvedConfig, parts: RunParts) -> torch.Tensor:
-    """The initial global parameters: ``torch.manual_seed(seed)`` right before building
-    the model (W1's rule), flattened."""
+    """The initial global parameters (and floating-point buffers): ``torch.manual_seed(seed)``
+    right before building the model (W1's rule), flattened."""
     torch.manual_seed(cfg.run.seed)
     module = parts.build_module()
-    return ParamLayout.of(module).flatten(dict(module.named_parameters()))
+    return ParamLayout.of(module).flatten_module(module)

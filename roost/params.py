@@ -12,6 +12,14 @@ state slots are single contiguous operations with no per-tensor Python loop::
 The layout (names, shapes, offsets) is fixed at construction and identical on every process
 that builds the same architecture, which is what lets a worker and the server exchange a
 model as a bare tensor.
+
+Floating-point *buffers* (BatchNorm's running mean and variance) are part of the model too:
+they follow the parameters in the same flat vector (``layout.trainable`` elements of
+parameters, then the buffers), so every payload carries them, every client starts from the
+global model's statistics instead of the previous client's, and aggregation averages them
+like any other entry (as Flower does with a ``state_dict``). Only the forward pass changes
+them: an optimiser step touches the first ``trainable`` elements alone. Integer buffers
+(BatchNorm's ``num_batches_tracked``) stay in the module and are not carried.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["FlatModel", "ParamLayout", "ParamSlot"]
+__all__ = ["FlatModel", "ParamLayout", "ParamSlot", "float_buffers"]
 
 
 @dataclass(frozen=True)
@@ -34,12 +42,23 @@ class ParamSlot:
     numel: int
 
 
+def float_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The module's floating-point buffers, in ``named_buffers`` order."""
+    return [(n, b) for n, b in module.named_buffers() if b.is_floating_point()]
+
+
 @dataclass(frozen=True)
 class ParamLayout:
-    """The fixed mapping between a module's named parameters and one flat vector."""
+    """The fixed mapping between a module's named parameters (then its floating-point
+    buffers) and one flat vector; the first ``trainable`` elements are the parameters."""
 
     slots: tuple[ParamSlot, ...]
     numel: int
+    trainable: int = -1
+
+    def __post_init__(self) -> None:
+        if self.trainable < 0:
+            object.__setattr__(self, "trainable", self.numel)
 
     @staticmethod
     def of(module: nn.Module) -> ParamLayout:
@@ -48,7 +67,15 @@ class ParamLayout:
         for name, p in module.named_parameters():
             slots.append(ParamSlot(name, tuple(p.shape), offset, p.numel()))
             offset += p.numel()
-        return ParamLayout(tuple(slots), offset)
+        trainable = offset
+        for name, b in float_buffers(module):
+            slots.append(ParamSlot(name, tuple(b.shape), offset, b.numel()))
+            offset += b.numel()
+        return ParamLayout(tuple(slots), offset, trainable)
+
+    def flatten_module(self, module: nn.Module) -> torch.Tensor:
+        """The module's parameters and floating-point buffers as one new flat vector."""
+        return self.flatten({**dict(module.named_parameters()), **dict(float_buffers(module))})
 
     @property
     def nbytes(self) -> int:
@@ -98,6 +125,17 @@ class FlatModel:
                 param_views[name].copy_(p.detach())
                 p.data = param_views[name]
                 p.grad = grad_views[name]
+            for name, b in float_buffers(self.module):  # BatchNorm statistics: views too
+                owner_name, _, attr = name.rpartition(".")
+                owner = self.module.get_submodule(owner_name) if owner_name else self.module
+                param_views[name].copy_(b.detach())
+                owner._buffers[attr] = param_views[name]
+
+    @property
+    def trainable(self) -> int:
+        """How many leading elements of :attr:`params` are parameters (the rest are
+        buffers, which no optimiser step touches)."""
+        return self.layout.trainable
 
     @property
     def numel(self) -> int:

@@ -18,7 +18,7 @@ import torch
 
 from roost.algorithms.asynchronous import AsyncStrategy
 from roost.algorithms.base import Strategy
-from roost.build import build_parts, initial_params
+from roost.build import WorkerParts, build_parts, initial_params
 from roost.config import ResolvedConfig, apply_overrides, resolve
 from roost.engine import Callback, Engine, History
 from roost.errors import Diverged
@@ -243,7 +243,8 @@ def _execute_run(
         engine.callbacks.append(ProgressBar(rc.rounds))
     try:
         if not finished:  # a finished run resumed starts no processes
-            runtime.start(Job(algorithm, dataset, parts.build_module, store, cfg.to_dict()))
+            worker_parts = WorkerParts(cfg.to_dict())
+            runtime.start(Job(algorithm, dataset, parts.build_module, store, worker_parts))
             if checkpoint is not None:
                 runtime.load_state_dict(checkpoint.get("runtime", {}))
             engine.run(start_round, history)

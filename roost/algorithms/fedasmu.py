@@ -146,8 +146,14 @@ def device_merge_weight(
 
 
 def _probe_loss(model: FlatModel, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float(F.cross_entropy(model.module(x), y))
+    """The loss on one probe minibatch, in eval mode (BatchNorm statistics untouched)."""
+    was_training = model.module.training
+    model.module.eval()
+    try:
+        with torch.no_grad():
+            return float(F.cross_entropy(model.module(x), y))
+    finally:
+        model.module.train(was_training)
 
 
 class FedASMUStrategy(AsyncStrategy):

@@ -88,7 +88,11 @@ class SGDStepper:
             else:
                 self.buf.mul_(cfg.momentum).add_(grads)
             step = self.buf
-        params.add_(step, alpha=-cfg.lr)
+        p = model.trainable  # buffers (BatchNorm statistics) change in forward passes only
+        if p == params.numel():
+            params.add_(step, alpha=-cfg.lr)
+        else:
+            params[:p].add_(step[:p], alpha=-cfg.lr)
         self.loss_sum += loss.detach()
         self.steps += 1
 

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from roost.data.base import ClientData, FederatedDataset
     from roost.state import ClientStateStore
 
-__all__ = ["RUNTIMES", "Job", "Outcome", "Runtime", "Task", "task_seed"]
+__all__ = ["RUNTIMES", "Job", "JobParts", "Outcome", "Runtime", "Task", "task_seed"]
 
 
 def task_seed(seed: int, client_id: int, dispatch: int) -> int:
@@ -86,14 +86,38 @@ class Outcome:
 @dataclass
 class Job:
     """What a runtime needs to compute tasks. ``build_module`` makes the architecture
-    (its initial weights do not matter: every task loads a payload). ``config`` is the
-    run's resolved config tree, from which a worker process rebuilds the same parts."""
+    (its initial weights do not matter: every task loads a payload).
+
+    ``parts`` is how a worker process gets the same algorithm, dataset and architecture:
+    a picklable callable returning ``(algorithm, dataset, build_module)``, run in the
+    worker. The runner passes one that rebuilds them from the run's resolved config (so
+    nothing large is pickled); without it a worker receives the job's own objects
+    pickled (:class:`JobParts`), so a programmatic engine computes exactly its own run.
+    """
 
     algorithm: Algorithm
     dataset: FederatedDataset
     build_module: Callable[[], nn.Module]
     state_store: ClientStateStore
-    config: dict[str, Any] = field(default_factory=dict)
+    parts: Callable[[], tuple[Algorithm, FederatedDataset, Callable[[], nn.Module]]] | None = None
+
+    def worker_parts(
+        self,
+    ) -> Callable[[], tuple[Algorithm, FederatedDataset, Callable[[], nn.Module]]]:
+        """What a worker process calls to get this job's parts."""
+        return self.parts or JobParts(self.algorithm, self.dataset, self.build_module)
+
+
+@dataclass
+class JobParts:
+    """A job's own algorithm, dataset and architecture, pickled to a worker."""
+
+    algorithm: Algorithm
+    dataset: FederatedDataset
+    build_module: Callable[[], nn.Module]
+
+    def __call__(self) -> tuple[Algorithm, FederatedDataset, Callable[[], nn.Module]]:
+        return self.algorithm, self.dataset, self.build_module
 
 
 class Runtime:

@@ -1,4 +1,4 @@
-"""A worker process of the ``workers`` runtime: join, rebuild the run, train rounds.
+"""A worker process of the ``workers`` runtime: join, build the job's parts, train tasks.
 
 See :mod:`roost.runtime.workers` for the protocol of a round."""
 
@@ -44,16 +44,14 @@ def spawned_worker(rank: int, world_size: int, init_method: str, cfg: WorkersRun
 
 
 def worker_loop(rank: int, world_size: int, init_method: str, cfg: WorkersRuntimeConfig) -> None:
-    """A worker's life: join, receive the run config, then execute rounds until told to
-    stop. Called in spawned processes and, under torchrun, by ranks >= 1.
+    """A worker's life: join, receive the job's parts builder, then execute batches until
+    told to stop. Called in spawned processes and, under torchrun, by ranks >= 1.
 
     ``cfg`` is this process's own reading of the runtime options, used only for the join
     timeout: everything else (device, threads, slowdown) comes from the server's options,
     sent at join, so that a torchrun node that cannot read the run's config file still
     computes as the server asked.
     """
-    from roost.build import build_parts
-    from roost.config import resolve
     from roost.runtime.local import LocalRuntime, LocalRuntimeConfig
 
     use_mmap_for_large_allocations()
@@ -80,17 +78,10 @@ def worker_loop(rank: int, world_size: int, init_method: str, cfg: WorkersRuntim
         buffer_device = device if transport.on_device else torch.device("cpu")
         threads = options.threads or max(1, (os.cpu_count() or 1) // max(1, world_size - 1))
         torch.set_num_threads(threads)
-        parts = build_parts(resolve(setup["config"]))
+        algorithm, dataset, build_module = setup["parts"]()
         shared_store = open_store_from(setup["store"]) if setup["store"] else None
         runtime = LocalRuntime(LocalRuntimeConfig(str(device)), sums_device=str(buffer_device))
-        runtime.start(
-            Job(
-                parts.algorithm,
-                parts.dataset,
-                parts.build_module,
-                shared_store or ShippedStates({}),
-            )
-        )
+        runtime.start(Job(algorithm, dataset, build_module, shared_store or ShippedStates({})))
         payload_buffers: dict[tuple[int, str], torch.Tensor] = {}
         while True:
             (message,) = _recv_object()

@@ -20,10 +20,11 @@ its own GPU (``device``; one worker per GPU by default). Each round:
 The server is not in the NCCL group: NCCL refuses two ranks on one GPU, and with one
 worker per GPU the server would have to share one.
 
-Workers rebuild the dataset, model and algorithm from the run's config, which the server
-broadcasts when they join, so nothing large is pickled. Client state is either shipped
-with the tasks and returned (in-memory store) or read and written by the workers
-themselves in a shared store file (disk store).
+Workers get the dataset, model and algorithm from the job's picklable ``parts`` builder,
+which the server broadcasts when they join: the runner's rebuilds them from the run's
+resolved config, so nothing large is pickled; a job without one ships its own objects.
+Client state is either shipped with the tasks and returned (in-memory store) or read and
+written by the workers themselves in a shared store file (disk store).
 
 A worker that dies stops the run with :class:`WorkerFailure`, naming the worker and the
 clients it held; ``roost run --resume DIR`` continues from the last checkpoint.
@@ -132,7 +133,7 @@ class WorkersRuntime(Runtime):
         workers_use_gpus = cfg.device.startswith("cuda") or (cfg.device == "auto" and gpus > 0)
         self.transport = Transport.choose(cfg.topology, workers_use_gpus, dist.is_nccl_available())
         setup = {
-            "config": job.config,
+            "parts": job.worker_parts(),
             "store": shared_store_info(job.state_store),
             "transport": self.transport,
             "runtime": cfg,

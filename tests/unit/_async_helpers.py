@@ -3,6 +3,7 @@ whose per-client durations and offline times are given by hand."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 
@@ -72,15 +73,13 @@ def make_engine(
     cfg = ALGORITHMS.config(algorithm, {"batch_size": 10, "lr": 0.1, **(params or {})})
     alg = ALGORITHMS.get(algorithm).factory(cfg)
     model_cfg = MODELS.config("mlp", {"hidden": (16,)})
-
-    def build():
-        return build_model("mlp", model_cfg, data.info)
+    build = functools.partial(build_model, "mlp", model_cfg, data.info)  # picklable
 
     torch.manual_seed(run.seed)
     module = build()
     layout = ParamLayout.of(module)
     strategy = strategy or alg.make_strategy()
-    strategy.initialize(layout.flatten(dict(module.named_parameters())), data.num_clients)
+    strategy.initialize(layout.flatten_module(module), data.num_clients)
     runtime = runtime or CountingRuntime()
     store = InMemoryStateStore()
     runtime.start(Job(alg, data, build, store))

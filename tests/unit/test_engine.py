@@ -46,7 +46,7 @@ def _engine(run: RunConfig, system, algorithm="fedavg", strategy: Strategy | Non
     module = build()
     layout = ParamLayout.of(module)
     strategy = strategy or alg.make_strategy()
-    strategy.initialize(layout.flatten(dict(module.named_parameters())))
+    strategy.initialize(layout.flatten_module(module))
     runtime = RecordingRuntime()
     runtime.start(Job(alg, data, build, InMemoryStateStore()))
     engine = Engine(

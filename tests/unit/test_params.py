@@ -74,3 +74,62 @@ def test_flatten_and_load_carry_no_autograd_history():
     model.load_(torch.ones(8, requires_grad=True) * 2)
     assert model.params.grad_fn is None
     assert torch.equal(model.params.detach(), torch.full((8,), 2.0))
+
+
+def _bn_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.ReLU(), torch.nn.Linear(4, 2)
+    )
+
+
+def test_batchnorm_statistics_travel_in_the_flat_vector_and_no_step_touches_them():
+    """The layout is the parameters (3*4+4 + 4+4 + 4*2+2 = 34), then BatchNorm's running
+    mean and variance (4 + 4 = 8): 42 elements, 34 trainable. Loading a vector sets the
+    statistics too, so a client never inherits the previous client's. One SGD step on
+    one batch (lr 0.1, weight decay 0.5) moves the weights, but the statistics only by
+    BatchNorm's own update, running = 0.9 * running + 0.1 * (the batch's statistic): had
+    the step touched them, weight decay would have taken 0.1 * 0.5 * running off."""
+    from roost.algorithms.base import ClientContext, ClientOptimConfig
+    from roost.algorithms.local_sgd import local_sgd
+    from roost.data.base import ClientData
+
+    module = _bn_net()
+    layout = ParamLayout.of(module)
+    assert (layout.numel, layout.trainable) == (42, 34)
+    model = FlatModel(module)
+    start = model.params.clone()
+    start[34:38] = 5.0  # a previous client's running mean...
+    model.load_(start)
+    assert torch.equal(module[1].running_mean, torch.full((4,), 5.0))  # ...is what it sees
+    start[34:38] = 0.0
+    model.load_(start)  # the next client's payload resets it
+
+    torch.manual_seed(1)
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    with torch.no_grad():  # the BN input before the step
+        batch_mean = module[0](x).mean(0)
+        batch_var = module[0](x).var(0, unbiased=True)
+    cfg = ClientOptimConfig(lr=0.1, batch_size=8, weight_decay=0.5, shuffle=False)
+    ctx = ClientContext(0, 1, 0, 8, torch.Generator())
+    local_sgd(ctx, model, ClientData(x, y), cfg)
+    assert not torch.equal(model.params[:34], start[:34])  # the weights moved
+    torch.testing.assert_close(model.params[34:38], 0.1 * batch_mean, rtol=0, atol=1e-7)
+    torch.testing.assert_close(model.params[38:42], 0.9 * start[38:42] + 0.1 * batch_var)
+
+
+def test_fedavg_averages_the_batchnorm_statistics():
+    """Two clients' flat results, BN tail included, averaged with weights 1 and 3."""
+    from roost.algorithms.base import ClientResult, Contribution
+    from roost.algorithms.fedavg import FedAvgStrategy
+
+    a, b = torch.zeros(42), torch.ones(42)
+    a[34:], b[34:] = 2.0, 6.0
+    total = Contribution()
+    total.fold(ClientResult({"params": a}, 1.0), 0)
+    total.fold(ClientResult({"params": b}, 3.0), 1)
+    strategy = FedAvgStrategy()
+    strategy.initialize(torch.zeros(42))
+    strategy.step(1, [total])
+    assert torch.equal(strategy.params[34:], torch.full((8,), 5.0))  # (2 + 3 * 6) / 4
+    assert torch.equal(strategy.params[:34], torch.full((34,), 0.75))
