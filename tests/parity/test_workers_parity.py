@@ -61,3 +61,22 @@ def test_per_client_strategy_gets_the_same_results_over_workers(tmp_path):
         for a, b in zip(h.records, local_h.records, strict=True):
             assert a["clients_in_median"] == b["clients_in_median"] == 7.0
             assert abs(a["accuracy"] - b["accuracy"]) <= 1 / TEST_EXAMPLES
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "state_store"), [("fedbuff", "memory"), ("fedasmu", "memory"), ("fedasmu", "disk")]
+)
+def test_asynchronous_runs_have_the_local_history_on_workers(tmp_path, algorithm, state_store):
+    """Asynchronous methods on 2 workers: batches of tasks certain to be delivered train
+    on both workers at once (FedBuff), procedures suspended at their fetch wait in their
+    worker (FedASMU, whose merge controls are client state, shipped or in the shared
+    file); results are folded at delivery in the same order as on ``local``. Each result
+    is a single client's, so the only difference is float64-sum rounding: rtol 1e-5."""
+    common = [f"algorithm={algorithm}", f"state_store={state_store}", "rounds=12"]
+    if algorithm == "fedbuff":
+        common.append("algorithm.buffer_size=3")
+    local_h, local_p = final_run(tmp_path, "local", common)
+    h, p = final_run(tmp_path, "w2", [*common, "runtime=workers", "workers=2"])
+    torch.testing.assert_close(p, local_p, rtol=1e-5, atol=1e-6)
+    for key in ("clients", "virtual_time_s", "staleness_mean", "dropped"):
+        assert [r[key] for r in h.records] == [r[key] for r in local_h.records], key

@@ -186,3 +186,35 @@ def test_an_asynchronous_run_resumes_to_the_uninterrupted_result(tmp_path, runti
     full, cut = _records(tmp_path / "full"), _records(tmp_path / "cut")
     for key in ("accuracy", "virtual_time_s", "train_loss", "staleness_mean", "clients"):
         assert [r[key] for r in cut] == [r[key] for r in full], key
+
+
+@pytest.mark.parametrize("runtime", ["local", "workers"])
+def test_fedasmu_resumes_with_suspended_procedures_controls_and_client_state(tmp_path, runtime):
+    """FedASMU keeps per-device controls on the server, merge controls as client state,
+    and tasks that were suspended at their fetch when the run was killed (their answers,
+    the model versions they fetched, are in the checkpoint). The resumed run replays
+    each such procedure to its request, hands it the recorded answer, and ends bit for bit
+    where the uninterrupted run does."""
+    overrides = ["rounds=8", "clients=20", "clients_per_round=5", "algorithm=fedasmu",
+                 f"runtime={runtime}"]
+    cfg = resolve(apply_overrides(load_config_source("quickstart"), overrides))
+    run(cfg, tmp_path / "full")
+
+    def crash_after_step_4(record):
+        if record["round"] == 5:
+            raise Crash
+        return False, {}
+
+    with pytest.raises(Crash):
+        run(cfg, tmp_path / "cut", callbacks=[crash_after_step_4])
+    checkpoint = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    answered = [f for f in checkpoint["engine"]["flights"]["flights"] if f["answers"]]
+    assert answered, "some task in flight had fetched its model when the run stopped"
+    resume(tmp_path / "cut")
+    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["strategy"]
+    cut = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["strategy"]
+    assert torch.equal(cut["params"], full["params"])
+    assert torch.equal(cut["controls"], full["controls"])
+    full_r, cut_r = _records(tmp_path / "full"), _records(tmp_path / "cut")
+    for key in ("virtual_time_s", "train_loss", "client_merge_beta", "mixing_weight"):
+        assert [r[key] for r in cut_r] == [r[key] for r in full_r], key
