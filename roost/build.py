@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from roost.algorithms.base import ALGORITHMS, Algorithm
+from roost.compression.component import compression_config
+from roost.compression.wrapper import Compressed
 from roost.config import ResolvedConfig
 from roost.data import build_dataset
 from roost.data.base import DatasetInfo, FederatedDataset
@@ -60,6 +62,16 @@ def build_parts(cfg: ResolvedConfig) -> RunParts:
             f"must be <= the number of clients ({dataset.num_clients})",
         )
     algorithm = ALGORITHMS.get(cfg.name("algorithm")).factory(cfg.config("algorithm"))
+    if cfg.name("compression") != "none":
+        if not algorithm.compressible:
+            raise ConfigError(
+                "compression",
+                cfg.name("compression"),
+                f"algorithm={cfg.name('algorithm')} does not upload a model or a delta, "
+                "so compression cannot wrap it; use compression=none",
+            )
+        settings = compression_config(cfg.name("compression"), cfg.config("compression"))
+        algorithm = Compressed(algorithm, settings)
     builder = functools.partial(build_module, cfg.name("model"), cfg.config("model"), dataset.info)
     return RunParts(dataset, algorithm, builder)
 

@@ -6,7 +6,8 @@ A run's configuration is a small tree. Top-level keys are the run's own settings
 
     roost run quickstart algorithm=fedprox algorithm.mu=0.01 rounds=20
 
-``KIND=NAME`` selects a component and ``KIND.FIELD=VALUE`` sets a field. Switching a
+(and ``compression``, which wraps any algorithm's uploads). ``KIND=NAME`` selects a
+component and ``KIND.FIELD=VALUE`` sets a field. Switching a
 component keeps every parameter set so far that the new choice also takes (quickstart's
 tuned ``lr``, ``batch_size`` and ``local_epochs`` survive ``algorithm=fedprox``); the
 others are dropped, and :attr:`ResolvedConfig.notes` says which (``roost run`` prints
@@ -173,6 +174,7 @@ def component_registries() -> dict[str, Registry[Any]]:
     """The registries, imported here so that importing roost.config stays cheap."""
     import roost.algorithms  # noqa: F401  (registers the algorithms)
     from roost.algorithms.base import ALGORITHMS
+    from roost.compression.component import COMPRESSIONS
     from roost.data import DATA
     from roost.data.partition import PARTITIONERS
     from roost.models import MODELS
@@ -186,6 +188,7 @@ def component_registries() -> dict[str, Registry[Any]]:
         "model": MODELS,
         "system": SYSTEMS,
         "runtime": RUNTIMES,
+        "compression": COMPRESSIONS,
     }
 
 

@@ -38,6 +38,7 @@ COMPONENT_DEFAULTS: dict[str, str] = {
     "model": "mlp",
     "system": "homogeneous",
     "runtime": "local",
+    "compression": "none",
 }
 
 

@@ -346,6 +346,9 @@ class Algorithm:
     name: ClassVar[str] = ""
     Config: ClassVar[type[ClientOptimConfig]] = ClientOptimConfig
     uses_client_test_data: ClassVar[bool] = False
+    compressible: ClassVar[bool] = True
+    """Whether ``compression=...`` can wrap it: its result is a model (``"params"``) or a
+    ``"delta"`` (FedNova's normalised ``"d"`` is not)."""
 
     def __init__(self, config: ClientOptimConfig) -> None:
         self.config = config

@@ -123,6 +123,7 @@ class FedNova(Algorithm):
 
     Config = FedNovaConfig
     config: FedNovaConfig
+    compressible = False
 
     def make_strategy(self) -> Strategy:
         c = self.config
