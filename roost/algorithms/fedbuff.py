@@ -12,6 +12,8 @@ Client k downloads ``x`` (version ``o``), runs local SGD (``E`` epochs, batch ``
 
 with ``s(τ) = 1 / sqrt(1 + τ)`` by default (the paper's; the polynomial staleness function
 with ``a = 0.5``, :mod:`roost.algorithms.staleness`) and server learning rate ``η_g``.
+With ``server_momentum = β > 0`` the buffered mean feeds server SGD with momentum (the
+paper's "server optimizer" option): ``m ← β m + Δ̄ / K``, ``x ← x + η_g m``.
 The paper writes ``Δ = x - y`` and ``x ← x - η_g Δ̄ / K``: the same step. At most
 ``concurrency`` clients train at once (default: the run's ``clients_per_round``).
 
@@ -55,13 +57,14 @@ __all__ = ["FedBuff", "FedBuffConfig", "FedBuffStrategy", "delta_update"]
 class FedBuffConfig(ClientOptimConfig):
     """buffer_size: K, deltas per server step (paper and FLGo: 10).
     concurrency: clients training at once (None: the run's clients_per_round).
-    server_lr: η_g.
+    server_lr: η_g. server_momentum: β of server SGD with momentum (0: plain steps).
     staleness: constant, polynomial or hinge weight s(τ); staleness_a, staleness_b its
     parameters (polynomial with a = 0.5 is the paper's 1/sqrt(1 + τ))."""
 
     buffer_size: int = 10
     concurrency: int | None = None
     server_lr: float = 1.0
+    server_momentum: float = 0.0
     staleness: StalenessKind = "polynomial"
     staleness_a: float = 0.5
     staleness_b: float = 4.0
@@ -89,6 +92,12 @@ class FedBuffConfig(ClientOptimConfig):
         )
         check(self.staleness_a >= 0, "staleness_a", self.staleness_a, "must be >= 0")
         check(self.staleness_b >= 0, "staleness_b", self.staleness_b, "must be >= 0")
+        check(
+            0 <= self.server_momentum < 1,
+            "server_momentum",
+            self.server_momentum,
+            "must be in [0, 1)",
+        )
 
 
 def delta_update(
@@ -113,6 +122,7 @@ class FedBuffStrategy(AsyncStrategy):
         self.concurrency = cfg.concurrency
         self.arrivals_per_step = cfg.buffer_size
         self.buffer: torch.Tensor | None = None
+        self.momentum: torch.Tensor | None = None
         self.buffered = 0
         self._staleness: list[int] = []
 
@@ -132,20 +142,34 @@ class FedBuffStrategy(AsyncStrategy):
 
     def server_step(self, step: int) -> dict[str, float]:
         assert self.buffer is not None
-        update = (self.buffer * (self.cfg.server_lr / self.cfg.buffer_size)).to(torch.float32)
+        c = self.cfg
+        mean = (self.buffer / c.buffer_size).to(torch.float32)
+        if c.server_momentum:
+            self.momentum = (
+                mean if self.momentum is None else self.momentum * c.server_momentum + mean
+            )
+            mean = self.momentum
+        update = mean * c.server_lr if c.server_lr != 1 else mean
         self.params = self.params + update
         self.version += 1
         self.buffer, self.buffered, self._staleness = None, 0, []
         return {"update_norm": float(torch.linalg.vector_norm(update))}
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "buffer": self.buffer, "buffered": self.buffered}
+        return {
+            **super().state_dict(),
+            "buffer": self.buffer,
+            "buffered": self.buffered,
+            "momentum": self.momentum,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         buffer = state.get("buffer")
         self.buffer = None if buffer is None else buffer.clone()
         self.buffered = int(state.get("buffered", 0))
+        momentum = state.get("momentum")
+        self.momentum = None if momentum is None else momentum.clone()
 
 
 @register_algorithm("fedbuff")
