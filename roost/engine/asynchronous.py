@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from roost.algorithms.asynchronous import AsyncStrategy
+from roost.algorithms.base import Strategy
 from roost.engine.core import REFILL, WAKE, delivery_metrics
 from roost.engine.flight import Computed, certain_prefix
 from roost.registry import ConfigError
@@ -59,6 +60,7 @@ class AsyncPolicy:
                 self.concurrency,
                 f"must be <= the number of clients ({engine.dataset.num_clients})",
             )
+        self.configures = type(strategy).configure_tasks is not Strategy.configure_tasks
         self.started = False
         self.refills = 0
         self.pending_refills = 0  # REFILL events in the clock
@@ -109,8 +111,10 @@ class AsyncPolicy:
     def _dispatch(self, client_id: int, payload: Any) -> None:
         e = self.engine
         version = self.strategy.version
-        rng = np.random.default_rng([e.run_config.seed, 11, e.flights.next_key])
-        settings = self.strategy.configure_tasks(version, [client_id], rng).get(client_id)
+        settings = None
+        if self.configures:  # the dispatch's own stream, made only when it is used
+            rng = np.random.default_rng([e.run_config.seed, 11, e.flights.next_key])
+            settings = self.strategy.configure_tasks(version, [client_id], rng).get(client_id)
         flight = e.plan_flight(client_id, version, payload, e.clock.now, settings)
         e.launch(flight, e.snapshot(payload))
 

@@ -157,6 +157,7 @@ class Engine:
         self.flights = FlightTable()
         self.dispatches = np.zeros(dataset.num_clients, dtype=np.int64)
         self.busy = np.zeros(dataset.num_clients, dtype=bool)
+        self._ids = np.arange(dataset.num_clients)
         self.policy: RoundPolicy | AsyncPolicy = (
             AsyncPolicy(self) if isinstance(strategy, AsyncStrategy) else RoundPolicy(self)
         )
@@ -165,7 +166,7 @@ class Engine:
     def candidates(self, t: float) -> np.ndarray:
         """Clients available at ``t`` and not in flight, in id order (one vectorised
         query of the system model)."""
-        ids = np.arange(self.dataset.num_clients)
+        ids = self._ids
         mask = self.system.available(ids, t) & ~self.busy
         return ids[mask]
 
