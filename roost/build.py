@@ -67,8 +67,9 @@ def build_parts(cfg: ResolvedConfig) -> RunParts:
             raise ConfigError(
                 "compression",
                 cfg.name("compression"),
-                f"algorithm={cfg.name('algorithm')} does not upload a model or a delta, "
-                "so compression cannot wrap it; use compression=none",
+                f"algorithm={cfg.name('algorithm')} cannot be wrapped: it uploads neither "
+                "a model nor a delta, or compresses its own uploads (see roost list "
+                "algorithm); use compression=none",
             )
         settings = compression_config(cfg.name("compression"), cfg.config("compression"))
         algorithm = Compressed(algorithm, settings)

@@ -348,7 +348,8 @@ class Algorithm:
     uses_client_test_data: ClassVar[bool] = False
     compressible: ClassVar[bool] = True
     """Whether ``compression=...`` can wrap it: its result is a model (``"params"``) or a
-    ``"delta"`` (FedNova's normalised ``"d"`` is not)."""
+    ``"delta"`` (FedNova's normalised ``"d"`` is not), and it does not compress its own
+    uploads already (TEASQ-Fed does)."""
 
     def __init__(self, config: ClientOptimConfig) -> None:
         self.config = config

@@ -1,9 +1,9 @@
 """TEASQ-Fed: time-efficient asynchronous FL with sparsification and quantisation.
 
-Jia, Liu, Zhou, Tian, Dong, Dou, "TEASQ-Fed: Accelerating Asynchronous Federated Learning
-with Sparsification and Quantization", Concurrency and Computation: Practice and
+Jia, Liu, Zhou, Tian, Dong, Dou, "Efficient Asynchronous Federated Learning with
+Sparsification and Quantization" (TEASQ-Fed), Concurrency and Computation: Practice and
 Experience, 2024 (doi 10.1002/cpe.8002; arXiv 2312.15186). The paper's body was not
-reachable: only its abstract and third-party summaries (ALGORITHMS.md §2.8). The
+read: only its abstract and third-party summaries (ALGORITHMS.md §2.8). The
 structure below (devices apply for tasks under a concurrency cap, a proximal local
 objective, compressed uploads, a server cache with staleness-weighted averaging) is the
 summaries'; **every formula and default is inferred, paper-faithfulness not verified**.
@@ -206,7 +206,7 @@ class TEASQConfig(ClientOptimConfig):
 
 def concurrency_cap(fraction: float, num_clients: int) -> int:
     """``C = ⌈c · K⌉`` (at least 1). ``c · K`` is rounded to 9 decimals first, so that a
-    float product such as ``0.1 · 30 = 3.0000000000000004`` gives 3, not 4."""
+    float product such as ``0.07 · 100 = 7.000000000000001`` gives 7, not 8."""
     return max(1, math.ceil(round(fraction * num_clients, 9)))
 
 
@@ -337,6 +337,8 @@ class TEASQDevice(Algorithm):
 @register_algorithm("teasq")
 class TEASQ(Algorithm):
     """TEASQ-Fed (Jia et al. 2024): capped async, proximal deltas, top-k + QSGD, cache."""
+
+    compressible = False  # it compresses its own uploads (algorithm.compression=...)
 
     Config = TEASQConfig
     config: TEASQConfig

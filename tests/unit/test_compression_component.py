@@ -35,7 +35,10 @@ def test_uploads_are_the_compressed_message_size(algorithm):
 
 def test_an_algorithm_that_uploads_neither_model_nor_delta_is_refused():
     overrides = [*SMALL, "algorithm=fednova", "compression=topk"]
-    with pytest.raises(ConfigError, match="compression=topk: algorithm=fednova does not upload"):
+    with pytest.raises(ConfigError, match="compression=topk: algorithm=fednova cannot be wrapped"):
+        run(resolve(apply_overrides(load_config_source("quickstart"), overrides)))
+    overrides = [*SMALL, "algorithm=teasq", "compression=topk"]  # compresses its own uploads
+    with pytest.raises(ConfigError, match="algorithm=teasq cannot be wrapped"):
         run(resolve(apply_overrides(load_config_source("quickstart"), overrides)))
 
 
