@@ -64,7 +64,8 @@ def test_per_client_strategy_gets_the_same_results_over_workers(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("algorithm", "state_store"), [("fedbuff", "memory"), ("fedasmu", "memory"), ("fedasmu", "disk")]
+    ("algorithm", "state_store"),
+    [("fedbuff", "memory"), ("fedasmu", "memory"), ("fedasmu", "disk")],
 )
 def test_asynchronous_runs_have_the_local_history_on_workers(tmp_path, algorithm, state_store):
     """Asynchronous methods on 2 workers: batches of tasks certain to be delivered train

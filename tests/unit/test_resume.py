@@ -195,8 +195,13 @@ def test_fedasmu_resumes_with_suspended_procedures_controls_and_client_state(tmp
     the model versions they fetched, are in the checkpoint). The resumed run replays
     each such procedure to its request, hands it the recorded answer, and ends bit for bit
     where the uninterrupted run does."""
-    overrides = ["rounds=8", "clients=20", "clients_per_round=5", "algorithm=fedasmu",
-                 f"runtime={runtime}"]
+    overrides = [
+        "rounds=8",
+        "clients=20",
+        "clients_per_round=5",
+        "algorithm=fedasmu",
+        f"runtime={runtime}",
+    ]
     cfg = resolve(apply_overrides(load_config_source("quickstart"), overrides))
     run(cfg, tmp_path / "full")
 
