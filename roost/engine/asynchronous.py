@@ -67,6 +67,7 @@ class AsyncPolicy:
         self.wake_s: float | None = None  # when a pending WAKE event fires
         self.progress: dict[int, int] = {}  # task key -> answers its suspended procedure took
         self._min_task_s: float | None = None
+        self.runtime_metrics: dict[str, Any] = {}  # of the last batch computed
         self._reset_step()
 
     def _reset_step(self) -> None:
@@ -210,6 +211,7 @@ class AsyncPolicy:
         outcome = e.runtime.execute(
             tasks, {v: e.flights.snapshots[v] for v in versions}, len(tasks), defer_state=True
         )
+        self.runtime_metrics = outcome.metrics
         for f, contribution, (_, metrics) in zip(
             batch, outcome.contributions, outcome.client_metrics, strict=True
         ):
@@ -248,9 +250,7 @@ class AsyncPolicy:
                 f"algorithm={e.algorithm.name} declares {len(flight.requests_s)} request(s) "
                 f"per task, but client {flight.client_id}'s procedure returned after {asked}"
             )
-        answer = e.snapshot(self.strategy.payload(self.strategy.version))
-        e.flights.snapshots.setdefault(answer.version, answer)
-        flight.answers.append(answer.version)
+        e.flights.answer(flight, e.snapshot(self.strategy.payload(self.strategy.version)))
 
     def _finish_requesting(self, flight: Flight) -> None:
         out = self._advance(flight, len(flight.answers))
@@ -324,6 +324,7 @@ class AsyncPolicy:
         record["bytes_up"] = self.bytes_up
         record["in_flight"] = len(e.flights)
         record.update(fields)
+        record.update(self.runtime_metrics)
         self._reset_step()
         e.finish_record(record, step, wall_start)
         return record

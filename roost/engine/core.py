@@ -115,7 +115,7 @@ def delivery_metrics(
     losses = [m["train_loss"] for _, m in metrics if "train_loss" in m]
     out: dict[str, Any] = {"train_loss": float(np.mean(losses)) if losses else None}
     out.update(client_metric_means(metrics))
-    out["staleness_mean"] = float(np.mean(staleness)) if len(staleness) else None
+    out["staleness_mean"] = sum(staleness) / len(staleness) if len(staleness) else None
     out["staleness_max"] = int(max(staleness)) if len(staleness) else None
     return out
 
@@ -158,6 +158,7 @@ class Engine:
         self.dispatches = np.zeros(dataset.num_clients, dtype=np.int64)
         self.busy = np.zeros(dataset.num_clients, dtype=bool)
         self._ids = np.arange(dataset.num_clients)
+        self._always_available = type(system).available is SystemModel.available
         self.policy: RoundPolicy | AsyncPolicy = (
             AsyncPolicy(self) if isinstance(strategy, AsyncStrategy) else RoundPolicy(self)
         )
@@ -166,9 +167,9 @@ class Engine:
     def candidates(self, t: float) -> np.ndarray:
         """Clients available at ``t`` and not in flight, in id order (one vectorised
         query of the system model)."""
-        ids = self._ids
-        mask = self.system.available(ids, t) & ~self.busy
-        return ids[mask]
+        if self._always_available:
+            return np.flatnonzero(~self.busy)
+        return np.flatnonzero(self.system.available(self._ids, t) & ~self.busy)
 
     def plan_flight(
         self,

@@ -77,10 +77,21 @@ class FlightTable:
     snapshots: dict[int, Payload] = field(default_factory=dict)
     computed: dict[int, Computed] = field(default_factory=dict)
     next_key: int = 0
+    users: dict[int, int] = field(default_factory=dict)  # version -> tasks that need it
 
     def add(self, flight: Flight, payload: Payload) -> None:
         self.flights[flight.key] = flight
         self.snapshots.setdefault(payload.version, payload)
+        for v in flight.versions():
+            self.users[v] = self.users.get(v, 0) + 1
+
+    def answer(self, flight: Flight, payload: Payload) -> None:
+        """Record that ``flight``'s procedure was answered with ``payload`` (kept as a
+        snapshot while the task needs it)."""
+        self.snapshots.setdefault(payload.version, payload)
+        if payload.version not in flight.versions():
+            self.users[payload.version] = self.users.get(payload.version, 0) + 1
+        flight.answers.append(payload.version)
 
     def new_key(self) -> int:
         key = self.next_key
@@ -91,9 +102,13 @@ class FlightTable:
         """Take a task out (delivered or lost); drop snapshots no task needs any more."""
         flight = self.flights.pop(key)
         self.computed.pop(key, None)
-        needed = set().union(*(f.versions() for f in self.flights.values()))
-        for version in flight.versions() - needed:
-            self.snapshots.pop(version, None)
+        for version in flight.versions():
+            left = self.users[version] - 1
+            if left:
+                self.users[version] = left
+            else:
+                del self.users[version]
+                self.snapshots.pop(version, None)
         return flight
 
     def __len__(self) -> int:
@@ -163,6 +178,9 @@ class FlightTable:
                 tuple(float(t) for t in f["requests_s"]),
                 [int(v) for v in f["answers"]],
             )
+        for flight in table.flights.values():
+            for v in flight.versions():
+                table.users[v] = table.users.get(v, 0) + 1
         return table
 
 

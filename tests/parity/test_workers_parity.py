@@ -81,3 +81,5 @@ def test_asynchronous_runs_have_the_local_history_on_workers(tmp_path, algorithm
     torch.testing.assert_close(p, local_p, rtol=1e-5, atol=1e-6)
     for key in ("clients", "virtual_time_s", "staleness_mean", "dropped"):
         assert [r[key] for r in h.records] == [r[key] for r in local_h.records], key
+    # the workers' own figures reach the records (and so summary.json's memory total)
+    assert len(h.final["worker_peak_rss_mb"]) == 2
