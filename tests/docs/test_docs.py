@@ -9,7 +9,11 @@ Each markdown file is executed top to bottom in a fresh temporary directory:
   parts that call ``roost`` are run with :func:`roost.cli.main` and must exit 0; setup
   parts (``python3 -m venv``, ``pip install``, ``pytest``) are what CI itself runs and are
   skipped here; a ``torchrun`` command runs as a subprocess. Lines after a command, up to
-  the next command, are its expected output, compared exactly.
+  the next command, are its expected output, compared exactly;
+* a ```` ```console slow ```` block holds commands that take minutes (the experiments of
+  docs/experiments.md). The default test skips it; :func:`test_slow_examples_in_the_doc_run`
+  (marked ``slow``, run with ``pytest -m slow``) runs such a doc top to bottom with its slow
+  blocks included.
 """
 
 from __future__ import annotations
@@ -89,9 +93,9 @@ def isolated_registries(monkeypatch):
             del sys.modules[name]
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
-def test_every_example_in_the_doc_runs(doc, tmp_path, monkeypatch, isolated_registries):
-    monkeypatch.chdir(tmp_path)
+def run_doc(doc: Path, *, slow: bool) -> int:
+    """Run the doc's examples top to bottom in the current directory; ``slow`` blocks only
+    when ``slow``. Returns how many blocks ran."""
     found = 0
     for lang, info, body in blocks(doc.read_text()):
         if info.startswith("file="):
@@ -99,6 +103,8 @@ def test_every_example_in_the_doc_runs(doc, tmp_path, monkeypatch, isolated_regi
         elif lang == "python":
             exec(compile(body, f"{doc.name}:python", "exec"), {"__name__": "__doc_example__"})
         elif lang == "console":
+            if is_slow(lang, info) and not slow:
+                continue
             for command, expected in console_commands(body):
                 if command.startswith("torchrun "):
                     run_torchrun(command)
@@ -107,9 +113,49 @@ def test_every_example_in_the_doc_runs(doc, tmp_path, monkeypatch, isolated_regi
         else:
             continue
         found += 1
+    return found
+
+
+def is_slow(lang: str, info: str) -> bool:
+    return lang == "console" and info.split() == ["slow"]
+
+
+def has_slow_blocks(doc: Path) -> bool:
+    return any(is_slow(lang, info) for lang, info, _ in blocks(doc.read_text()))
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_example_in_the_doc_runs(doc, tmp_path, monkeypatch, isolated_registries):
+    monkeypatch.chdir(tmp_path)
+    found = run_doc(doc, slow=False)
     assert found > 0 or doc.name == "benchmarks.md", f"{doc.name} has no runnable example"
     if doc.name == "README.md":
         assert_git_ignores_everything_in(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "doc", [d for d in DOCS if has_slow_blocks(d)] or [None], ids=lambda p: p.name if p else "none"
+)
+def test_slow_examples_in_the_doc_run(doc, tmp_path, monkeypatch, isolated_registries):
+    """The ```` ```console slow ```` blocks (minutes each), with the rest of their doc."""
+    if doc is None:
+        pytest.skip("no doc has a slow block")
+    monkeypatch.chdir(tmp_path)
+    run_doc(doc, slow=True)
+
+
+def test_the_default_run_skips_slow_blocks(tmp_path, monkeypatch):
+    """A slow block is not run by the default test (here it would fail), a plain one is."""
+    monkeypatch.chdir(tmp_path)
+    doc = tmp_path / "page.md"
+    doc.write_text(
+        "```console slow\n$ roost run no-such-preset --out runs/x\n```\n\n"
+        "```console\n$ roost list partition\n```\n"
+    )
+    assert run_doc(doc, slow=False) == 1
+    with pytest.raises(AssertionError, match="no-such-preset"):
+        run_doc(doc, slow=True)
 
 
 def assert_git_ignores_everything_in(folder: Path) -> None:
