@@ -29,8 +29,14 @@ from typing import Any
 import numpy as np
 
 from roost.algorithms.base import Contribution, Strategy
+from roost.registry import check
 
-__all__ = ["Arrival", "AsyncStrategy"]
+__all__ = ["Arrival", "AsyncStrategy", "check_concurrency"]
+
+
+def check_concurrency(value: int | None) -> None:
+    """Validate a config's ``concurrency`` field (None: the run's clients_per_round)."""
+    check(value is None or value >= 1, "concurrency", value, "must be >= 1 or none")
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from roost.algorithms.asynchronous import Arrival, AsyncStrategy
+from roost.algorithms.asynchronous import Arrival, AsyncStrategy, check_concurrency
 from roost.algorithms.base import (
     Algorithm,
     ClientContext,
@@ -119,12 +119,7 @@ class FedASMUConfig(ClientOptimConfig):
             self.request_fraction,
             "must be in (0, 1)",
         )
-        check(
-            self.concurrency is None or self.concurrency >= 1,
-            "concurrency",
-            self.concurrency,
-            "must be >= 1 or none",
-        )
+        check_concurrency(self.concurrency)
 
 
 def server_weight(

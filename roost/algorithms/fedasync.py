@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from roost.algorithms.asynchronous import Arrival, AsyncStrategy
+from roost.algorithms.asynchronous import Arrival, AsyncStrategy, check_concurrency
 from roost.algorithms.base import (
     Algorithm,
     ClientContext,
@@ -41,7 +41,7 @@ from roost.algorithms.base import (
 )
 from roost.algorithms.fedprox import proximal_correction
 from roost.algorithms.local_sgd import local_sgd
-from roost.algorithms.staleness import StalenessKind, staleness_weight
+from roost.algorithms.staleness import StalenessKind, check_staleness, staleness_weight
 from roost.data.base import ClientData
 from roost.params import FlatModel
 from roost.registry import check
@@ -67,20 +67,8 @@ class FedAsyncConfig(ClientOptimConfig):
         super().__post_init__()
         check(0 < self.alpha <= 1, "alpha", self.alpha, "must be in (0, 1]")
         check(self.rho >= 0 and math.isfinite(self.rho), "rho", self.rho, "must be >= 0")
-        check(
-            self.concurrency is None or self.concurrency >= 1,
-            "concurrency",
-            self.concurrency,
-            "must be >= 1 or none",
-        )
-        check(
-            self.staleness in ("constant", "polynomial", "hinge"),
-            "staleness",
-            self.staleness,
-            "must be constant, polynomial or hinge",
-        )
-        check(self.staleness_a >= 0, "staleness_a", self.staleness_a, "must be >= 0")
-        check(self.staleness_b >= 0, "staleness_b", self.staleness_b, "must be >= 0")
+        check_concurrency(self.concurrency)
+        check_staleness(self.staleness, self.staleness_a, self.staleness_b)
 
 
 class FedAsyncStrategy(AsyncStrategy):

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from roost.algorithms.asynchronous import Arrival, AsyncStrategy
+from roost.algorithms.asynchronous import Arrival, AsyncStrategy, check_concurrency
 from roost.algorithms.base import (
     Algorithm,
     ClientContext,
@@ -45,7 +45,7 @@ from roost.algorithms.base import (
     register_algorithm,
 )
 from roost.algorithms.local_sgd import local_sgd
-from roost.algorithms.staleness import StalenessKind, staleness_weight
+from roost.algorithms.staleness import StalenessKind, check_staleness, staleness_weight
 from roost.data.base import ClientData
 from roost.params import FlatModel
 from roost.registry import check
@@ -72,26 +72,14 @@ class FedBuffConfig(ClientOptimConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.buffer_size >= 1, "buffer_size", self.buffer_size, "must be >= 1")
-        check(
-            self.concurrency is None or self.concurrency >= 1,
-            "concurrency",
-            self.concurrency,
-            "must be >= 1 or none",
-        )
+        check_concurrency(self.concurrency)
         check(
             self.server_lr > 0 and math.isfinite(self.server_lr),
             "server_lr",
             self.server_lr,
             "must be a number > 0",
         )
-        check(
-            self.staleness in ("constant", "polynomial", "hinge"),
-            "staleness",
-            self.staleness,
-            "must be constant, polynomial or hinge",
-        )
-        check(self.staleness_a >= 0, "staleness_a", self.staleness_a, "must be >= 0")
-        check(self.staleness_b >= 0, "staleness_b", self.staleness_b, "must be >= 0")
+        check_staleness(self.staleness, self.staleness_a, self.staleness_b)
         check(
             0 <= self.server_momentum < 1,
             "server_momentum",

@@ -15,33 +15,25 @@ one follows the paper.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 from roost.registry import check
 
-__all__ = ["StalenessConfig", "staleness_weight"]
+__all__ = ["StalenessKind", "check_staleness", "staleness_weight"]
 
 StalenessKind = Literal["constant", "polynomial", "hinge"]
 
 
-@dataclass(frozen=True)
-class StalenessConfig:
-    """kind: constant, polynomial or hinge; a and b as in the formulas above."""
-
-    kind: StalenessKind = "polynomial"
-    a: float = 0.5
-    b: float = 4.0
-
-    def __post_init__(self) -> None:
-        check(
-            self.kind in ("constant", "polynomial", "hinge"),
-            "staleness",
-            self.kind,
-            "must be constant, polynomial or hinge",
-        )
-        check(self.a >= 0, "staleness_a", self.a, "must be >= 0")
-        check(self.b >= 0, "staleness_b", self.b, "must be >= 0")
+def check_staleness(kind: str, a: float, b: float) -> None:
+    """Validate a config's ``staleness``, ``staleness_a`` and ``staleness_b`` fields."""
+    check(
+        kind in ("constant", "polynomial", "hinge"),
+        "staleness",
+        kind,
+        "must be constant, polynomial or hinge",
+    )
+    check(a >= 0, "staleness_a", a, "must be >= 0")
+    check(b >= 0, "staleness_b", b, "must be >= 0")
 
 
 def staleness_weight(kind: StalenessKind, tau: int, a: float, b: float) -> float:

@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from roost.algorithms.asynchronous import Arrival, AsyncStrategy
+from roost.algorithms.asynchronous import Arrival, AsyncStrategy, check_concurrency
 from roost.algorithms.base import (
     Algorithm,
     ClientContext,
@@ -81,7 +81,7 @@ from roost.algorithms.base import (
 )
 from roost.algorithms.fedprox import proximal_correction
 from roost.algorithms.local_sgd import local_sgd
-from roost.algorithms.staleness import StalenessKind, staleness_weight
+from roost.algorithms.staleness import StalenessKind, check_staleness, staleness_weight
 from roost.compression.config import CompressionConfig, Method
 from roost.compression.quantize import Rounding
 from roost.compression.schedule import Direction
@@ -151,12 +151,7 @@ class TEASQConfig(ClientOptimConfig):
             self.concurrency_fraction,
             "must be a number in (0, 1]",
         )
-        check(
-            self.concurrency is None or self.concurrency >= 1,
-            "concurrency",
-            self.concurrency,
-            "must be >= 1 or none",
-        )
+        check_concurrency(self.concurrency)
         check(self.mu >= 0 and math.isfinite(self.mu), "mu", self.mu, "must be a number >= 0")
         check(self.cache_size >= 1, "cache_size", self.cache_size, "must be >= 1")
         check(
@@ -165,14 +160,7 @@ class TEASQConfig(ClientOptimConfig):
             self.cache_timeout_s,
             "must be a number > 0 or none",
         )
-        check(
-            self.staleness in ("constant", "polynomial", "hinge"),
-            "staleness",
-            self.staleness,
-            "must be constant, polynomial or hinge",
-        )
-        check(self.staleness_a >= 0, "staleness_a", self.staleness_a, "must be >= 0")
-        check(self.staleness_b >= 0, "staleness_b", self.staleness_b, "must be >= 0")
+        check_staleness(self.staleness, self.staleness_a, self.staleness_b)
         check(
             self.server_lr > 0 and math.isfinite(self.server_lr),
             "server_lr",
