@@ -17,7 +17,8 @@ is known, with the base settings ``(B0, E0, η0)`` of the config::
     budget_k = r_k (T - c_k)                      (examples k can process meanwhile)
     B_k     = clip(round(B0 r_k / r_min), B0, batch_max)
     E_k     = clip(floor(budget_k / n_k), E0, epochs_max)
-    η_k     = η0 B_k / B0        (lr_scaling=linear, Goyal et al. 2017; sqrt: sqrt(B_k/B0))
+    η_k     = η0 sqrt(B_k / B0)  (lr_scaling=sqrt, the default; linear: η0 B_k / B0, Goyal
+                                  et al. 2017, diverged on FEMNIST's CNN: docs/experiments.md)
 
 so that no device is predicted to finish after ``T`` and faster devices train more while
 the straggler finishes. Devices not seen yet train with the base settings. The server is
@@ -63,7 +64,7 @@ class AMBLEConfig(FedAvgConfig):
 
     batch_max: int = 64
     epochs_max: int = 10
-    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    lr_scaling: Literal["linear", "sqrt", "none"] = "sqrt"
     rate_smoothing: float = 0.5
     weight_by: Literal["examples", "work"] = "examples"
 

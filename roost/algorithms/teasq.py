@@ -49,8 +49,9 @@ concurrency, a step is FedBuff's buffered step with the weights ``ω_j`` above.
 Inferred defaults [ALGORITHMS.md §2.8]: c = 0.1, M = 5, μ = 0.01, a = 0.5, s_0 = 0.1,
 q_0 = 8, γ_s = 0.99, error feedback on. This module's own choices: the schedule's
 direction (the summaries say the compression parameters decay; whether compression gets
-stronger or weaker is unknown; the default ``tighten`` is the formula ALGORITHMS.md
-writes), s_min = 0.01, T_q = 50, q_min = 2 (the library's guesses), the ``n_j`` factor of
+stronger or weaker is unknown; the default is ``constant``: ``tighten``, the formula
+ALGORITHMS.md writes, learned and then diverged on FEMNIST's CNN, docs/experiments.md),
+s_min = 0.01, T_q = 50, q_min = 2 (the library's guesses), the ``n_j`` factor of
 ω, η_g = 1 and no timer. Not modelled: the paper's latency models and time-budget
 objective (the engine's system model provides the virtual time), compression of the
 download.
@@ -129,7 +130,7 @@ class TEASQConfig(ClientOptimConfig):
     rounding: Rounding = "stochastic"
     rescale: bool = False
     error_feedback: bool = True
-    schedule: Direction = "tighten"
+    schedule: Direction = "constant"
     ratio_gamma: float = 0.99
     ratio_limit: float = 0.01
     bits_period: int = 50

@@ -203,7 +203,8 @@ class Engine:
             key=key,
             settings=tuple(sorted(settings.items())),
         )
-        return Flight(key, task, timing, dispatch, work, down, up, requests)
+        # each answered request downloads the model once more
+        return Flight(key, task, timing, dispatch, work, down * (1 + len(requests)), up, requests)
 
     def _with_requests(
         self, client_id: int, timing: TaskTiming, points: Sequence[float], down: int, up: int
@@ -361,6 +362,11 @@ class Engine:
             reason = self.stop_reason(record)
             if reason is not None:
                 record["stopped"] = reason
+                if record.get("accuracy") is None and self.test_data is not None:
+                    # the run ends here: its last step is evaluated like a last round
+                    record["loss"], record["accuracy"] = self.runtime.evaluate(
+                        self.strategy.eval_params, self.test_data
+                    )
             stop = reason is not None
             for cb in self.callbacks:
                 s, extra = cb(record)

@@ -69,7 +69,7 @@ def plan_round(
     arrival = dict(zip(selected, arrivals_s, strict=True))
     order = sorted(range(len(selected)), key=lambda i: (arrivals_s[i], i))
     limit = math.inf if deadline_s is None else t0 + deadline_s
-    first = [i for i in order if arrivals_s[i] <= limit][:k]
+    first = [i for i in order if arrivals_s[i] <= limit and math.isfinite(arrivals_s[i])][:k]
     counted = [selected[i] for i in sorted(first)]
     if len(first) < k and deadline_s is not None:
         end = t0 + deadline_s

@@ -9,7 +9,9 @@ Each markdown file is executed top to bottom in a fresh temporary directory:
   parts that call ``roost`` are run with :func:`roost.cli.main` and must exit 0; setup
   parts (``python3 -m venv``, ``pip install``, ``pytest``) are what CI itself runs and are
   skipped here; a ``torchrun`` command runs as a subprocess. Lines after a command, up to
-  the next command, are its expected output, compared exactly;
+  the next command, are its expected output, compared exactly. A command that ends in a
+  shell comment ``# exit N`` must exit with code N instead (its last ``&&`` part: a run
+  documented to diverge is ``# exit 1``);
 * a ```` ```console slow ```` block holds commands that take minutes (the experiments of
   docs/experiments.md). The default test skips it; :func:`test_slow_examples_in_the_doc_run`
   (marked ``slow``, run with ``pytest -m slow``) runs such a doc top to bottom with its slow
@@ -34,6 +36,7 @@ from roost.config import component_registries
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w+)([^\n]*)\n(.*?)^```\s*$", re.S | re.M)
+EXPECTED_EXIT = re.compile(r"\s+#\s*exit (\d+)\b.*$")
 SETUP = ("python3 -m venv", ".venv/bin/pip", "pip install", ".venv/bin/python -m pytest")
 
 
@@ -69,14 +72,19 @@ def run_torchrun(command: str) -> None:
 
 
 def run_console(command: str, expected: list[str]) -> None:
-    for part in command.split("&&"):
+    want = 0
+    if m := EXPECTED_EXIT.search(command):
+        want, command = int(m.group(1)), command[: m.start()]
+    parts = command.split("&&")
+    for i, part in enumerate(parts):
         argv = roost_argv(part.strip())
         if argv is None:
             continue
         stdout = io.StringIO()
         with contextlib.redirect_stdout(stdout):
             code = main([*argv, "--quiet"] if argv[:1] == ["run"] else argv)
-        assert code == 0, f"`{part.strip()}` exited {code}"
+        wanted = want if i == len(parts) - 1 else 0
+        assert code == wanted, f"`{part.strip()}` exited {code}, not {wanted}"
         if expected:
             assert stdout.getvalue().rstrip("\n").splitlines() == expected, part
 
@@ -156,6 +164,13 @@ def test_the_default_run_skips_slow_blocks(tmp_path, monkeypatch):
     assert run_doc(doc, slow=False) == 1
     with pytest.raises(AssertionError, match="no-such-preset"):
         run_doc(doc, slow=True)
+
+
+def test_a_command_may_be_documented_to_fail():
+    """``# exit N`` after a command: it must exit N (here 2, a preset that does not exist)."""
+    run_console("roost run no-such-preset --out runs/x  # exit 2: no such preset", [])
+    with pytest.raises(AssertionError, match="exited 2, not 1"):
+        run_console("roost run no-such-preset --out runs/x  # exit 1", [])
 
 
 def assert_git_ignores_everything_in(folder: Path) -> None:

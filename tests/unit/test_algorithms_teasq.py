@@ -233,7 +233,13 @@ def test_a_tightening_schedule_shrinks_the_uploads_by_the_version():
     ⌈60.5⌉ = 61, 61 uint16 indices = 122 (< 152), ⌈61·9/8⌉ = 69 -> 223. Every record's
     bytes_up (the engine's, from upload_nbytes at dispatch) is the sum over its tasks of
     the compressor's nbytes at their start version, and equals the real messages' total."""
-    params = {"ratio_gamma": 0.5, "bits_period": 2, "concurrency": 4, "cache_size": 3}
+    params = {
+        "schedule": "tighten",
+        "ratio_gamma": 0.5,
+        "bits_period": 2,
+        "concurrency": 4,
+        "cache_size": 3,
+    }
     alg = ALGORITHMS.get("teasq").factory(ALGORITHMS.config("teasq", params))
     assert [alg.upload_nbytes(MLP_PARAMS, v) for v in (0, 1)] == [321, 32 + 122 + 69]
     run_cfg = RunConfig(rounds=5, clients=12, clients_per_round=4, eval_every=0)

@@ -33,3 +33,11 @@ def test_a_task_that_never_arrives_is_not_counted():
     plan = plan_round([1, 2, 3], [1.0, float("inf"), 6.0], t0=0.0, k=2, deadline_s=None)
     assert plan.counted == [1, 3]
     assert plan.end_s == 6.0
+
+
+def test_without_a_deadline_a_lost_task_is_never_counted():
+    # all three selected, k = 3, no deadline: the lost one (inf) must not be counted, and
+    # the round ends at the last real arrival, not at infinity
+    plan = plan_round([1, 2, 3], [5.0, float("inf"), 7.0], t0=0.0, k=3, deadline_s=None)
+    assert plan.counted == [1, 3]
+    assert plan.end_s == 7.0

@@ -256,3 +256,17 @@ def test_a_suspended_procedure_gets_the_model_current_at_its_request_time(runtim
         assert fetched_sum == sums[fetched]
         ahead += fetched > start
     assert ahead >= 4  # tasks that fetched a model newer than the one they started from
+
+
+def test_a_run_stopped_by_its_time_budget_is_evaluated_at_its_last_step():
+    """eval_every=0 evaluates only the last of `rounds` steps; a run that a virtual-time
+    budget stops earlier must still report its final model's accuracy (constant 1 s
+    tasks, K = 2 of 2 in flight: steps at t = 1, 2, 3, so a 2.5 s budget stops at 3)."""
+    run = RunConfig(
+        rounds=50, clients=4, clients_per_round=2, eval_every=0, virtual_time_budget_s=2.5
+    )
+    engine, _ = make_engine(run, ConstantSystem(ConstantConfig()), params={"buffer_size": 2})
+    h = engine.run()
+    assert h.series("virtual_time_s") == [1.0, 2.0, 3.0]
+    assert h.final["stopped"].startswith("virtual_time_budget_s 2.5 used")
+    assert h.series("accuracy")[:2] == [None, None] and h.final["accuracy"] is not None

@@ -53,12 +53,16 @@ def test_amble_lets_fast_devices_work_while_the_straggler_finishes():
 def test_amble_settings_by_hand():
     """Two devices: rates 100 and 400 examples/s, no transfer time, 200 examples each,
     E0 = 1, B0 = 10: T = max(200/100, 200/400) = 2 s. The fast one can process 400 x 2 =
-    800 examples: E = 4; ρ = 4, B = 40, η = 0.05 x 4 = 0.2 (linear)."""
+    800 examples: E = 4; ρ = 4, B = 40, η = 0.05 x sqrt(4) = 0.1 (the default sqrt
+    scaling), 0.05 x 4 = 0.2 with lr_scaling=linear."""
+    rates, comm, sizes = {0: 100.0, 1: 400.0}, {0: 0.0, 1: 0.0}, {0: 200, 1: 200}
     cfg = AMBLEConfig(lr=0.05, batch_size=10, local_epochs=1)
-    settings, t = amble_settings(cfg, {0: 100.0, 1: 400.0}, {0: 0.0, 1: 0.0}, {0: 200, 1: 200})
+    settings, t = amble_settings(cfg, rates, comm, sizes)
     assert t == 2.0
     assert settings[0] == {"batch_size": 10, "local_epochs": 1, "lr": 0.05}
-    assert settings[1] == {"batch_size": 40, "local_epochs": 4, "lr": pytest.approx(0.2)}
+    assert settings[1] == {"batch_size": 40, "local_epochs": 4, "lr": pytest.approx(0.1)}
+    linear = AMBLEConfig(lr=0.05, batch_size=10, local_epochs=1, lr_scaling="linear")
+    assert amble_settings(linear, rates, comm, sizes)[0][1]["lr"] == pytest.approx(0.2)
 
 
 def test_stragglers_are_the_stated_fraction_with_1_to_e_epochs():
