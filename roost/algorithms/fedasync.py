@@ -39,7 +39,7 @@ from roost.algorithms.base import (
     UpdateOutput,
     register_algorithm,
 )
-from roost.algorithms.fedprox import proximal_correction
+from roost.algorithms.fedprox import proximal_term
 from roost.algorithms.local_sgd import local_sgd
 from roost.algorithms.staleness import StalenessKind, check_staleness, staleness_weight
 from roost.data.base import ClientData
@@ -127,10 +127,7 @@ class FedAsync(Algorithm):
         state: Tensors | None,
     ) -> UpdateOutput:
         cfg = self.task_config(ctx)
-        correction = None
-        if cfg.rho > 0:
-            correction = proximal_correction(payload.params, cfg.rho, model.scratch("proximal"))
-        res = local_sgd(ctx, model, data, cfg, correction)
+        res = local_sgd(ctx, model, data, cfg, proximal_term(payload.params, cfg.rho, model))
         return UpdateOutput(
             ClientResult({"params": model.params}, 1.0),
             None,

@@ -44,6 +44,7 @@ from roost.algorithms.base import (
     UpdateOutput,
     register_algorithm,
 )
+from roost.algorithms.fedprox import proximal_term
 from roost.algorithms.local_sgd import local_sgd
 from roost.algorithms.staleness import StalenessKind, check_staleness, staleness_weight
 from roost.data.base import ClientData
@@ -89,10 +90,16 @@ class FedBuffConfig(ClientOptimConfig):
 
 
 def delta_update(
-    ctx: ClientContext, model: FlatModel, data: ClientData, payload: Payload, cfg: ClientOptimConfig
+    ctx: ClientContext,
+    model: FlatModel,
+    data: ClientData,
+    payload: Payload,
+    cfg: ClientOptimConfig,
+    mu: float = 0.0,
 ) -> UpdateOutput:
-    """Local SGD from the payload; the result is ``Δ = y - x`` with weight 1."""
-    res = local_sgd(ctx, model, data, cfg)
+    """Local SGD from the payload ``w`` (on ``F_k(v) + (μ/2)||v − w||²`` when ``μ > 0``,
+    TEASQ-Fed's device objective); the result is ``Δ = v − w`` with weight 1."""
+    res = local_sgd(ctx, model, data, cfg, proximal_term(payload.params, mu, model))
     delta = model.params - payload.params
     return UpdateOutput(
         ClientResult({"delta": delta}, 1.0),

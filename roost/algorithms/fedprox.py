@@ -44,7 +44,7 @@ from roost.data.base import ClientData
 from roost.params import FlatModel
 from roost.registry import check
 
-__all__ = ["FedProx", "FedProxConfig", "FedProxStrategy"]
+__all__ = ["FedProx", "FedProxConfig", "FedProxStrategy", "proximal_correction", "proximal_term"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,14 @@ def proximal_correction(anchor: torch.Tensor, mu: float, scratch: torch.Tensor) 
     return correction
 
 
+def proximal_term(anchor: torch.Tensor, mu: float, model: FlatModel) -> GradCorrection | None:
+    """:func:`proximal_correction` in the model's ``"proximal"`` scratch buffer, or None
+    for ``μ = 0`` (nothing installed: plain local SGD, bit for bit)."""
+    if mu == 0:
+        return None
+    return proximal_correction(anchor, mu, model.scratch("proximal"))
+
+
 @register_algorithm("fedprox")
 class FedProx(Algorithm):
     """FedProx (Li et al. 2020): local SGD on F_k + (μ/2)||w − w^t||², FedAvg server."""
@@ -113,7 +121,5 @@ class FedProx(Algorithm):
         state: Tensors | None,
     ) -> UpdateOutput:
         cfg = self.task_config(ctx)
-        correction = None
-        if cfg.mu != 0:
-            correction = proximal_correction(payload.params, cfg.mu, model.scratch("proximal"))
+        correction = proximal_term(payload.params, cfg.mu, model)
         return fedavg_update(ctx, model, data, cfg, cfg.weighted, correction)

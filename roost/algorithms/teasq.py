@@ -71,7 +71,6 @@ from roost.algorithms.base import (
     Algorithm,
     ClientContext,
     ClientOptimConfig,
-    ClientResult,
     Contribution,
     Payload,
     Strategy,
@@ -80,8 +79,7 @@ from roost.algorithms.base import (
     UpdateReturn,
     register_algorithm,
 )
-from roost.algorithms.fedprox import proximal_correction
-from roost.algorithms.local_sgd import local_sgd
+from roost.algorithms.fedbuff import delta_update
 from roost.algorithms.staleness import StalenessKind, check_staleness, staleness_weight
 from roost.compression.config import CompressionConfig, Method
 from roost.compression.quantize import Rounding
@@ -99,7 +97,6 @@ __all__ = [
     "TEASQDevice",
     "TEASQStrategy",
     "concurrency_cap",
-    "proximal_delta_update",
 ]
 
 
@@ -197,28 +194,6 @@ def concurrency_cap(fraction: float, num_clients: int) -> int:
     """``C = ⌈c · K⌉`` (at least 1). ``c · K`` is rounded to 9 decimals first, so that a
     float product such as ``0.07 · 100 = 7.000000000000001`` gives 7, not 8."""
     return max(1, math.ceil(round(fraction * num_clients, 9)))
-
-
-def proximal_delta_update(
-    ctx: ClientContext,
-    model: FlatModel,
-    data: ClientData,
-    payload: Payload,
-    cfg: ClientOptimConfig,
-    mu: float,
-) -> UpdateOutput:
-    """Local SGD on ``F_k(v) + (μ/2)||v − w||²`` from ``w = payload.params``; the result is
-    ``Δ = v − w`` with weight 1 (``μ = 0``: no correction installed, plain local SGD)."""
-    correction = None
-    if mu != 0:
-        correction = proximal_correction(payload.params, mu, model.scratch("proximal"))
-    res = local_sgd(ctx, model, data, cfg, correction)
-    delta = model.params - payload.params
-    return UpdateOutput(
-        ClientResult({"delta": delta}, 1.0),
-        None,
-        {"train_loss": res.mean_loss, "local_steps": float(res.steps)},
-    )
 
 
 class TEASQStrategy(AsyncStrategy):
@@ -320,7 +295,7 @@ class TEASQDevice(Algorithm):
         state: Tensors | None,
     ) -> UpdateOutput:
         cfg = self.task_config(ctx)
-        return proximal_delta_update(ctx, model, data, payload, cfg, cfg.mu)
+        return delta_update(ctx, model, data, payload, cfg, cfg.mu)
 
 
 @register_algorithm("teasq")

@@ -155,12 +155,15 @@ class AsyncPolicy:
     def min_task_s(self) -> float:
         if self._min_task_s is None:
             e = self.engine
-            work = np.array(
-                [
-                    e.algorithm.work_examples(e.dataset.num_examples(c))
-                    for c in range(e.dataset.num_clients)
-                ]
-            )
+            if self.configures:  # per-task settings may shrink the work: bound it by 0
+                work = np.zeros(e.dataset.num_clients, dtype=np.int64)
+            else:
+                work = np.array(
+                    [
+                        e.algorithm.work_examples(e.dataset.num_examples(c))
+                        for c in range(e.dataset.num_clients)
+                    ]
+                )
             payload = self.strategy.payload(self.strategy.version)
             # uploads may shrink with the version (compression schedules): bound them by 0
             self._min_task_s = float(e.system.min_task_time_s(work, payload.nbytes, 0))

@@ -155,7 +155,13 @@ def test_slow_examples_in_the_doc_run(doc, tmp_path, monkeypatch, isolated_regis
     if missing:
         pytest.skip(f"needs the shared data: {', '.join(missing)}")
     monkeypatch.chdir(tmp_path)
-    run_doc(doc, slow=True)
+    runnable = [
+        1
+        for lang, info, _ in blocks(doc.read_text())
+        if info.startswith("file=") or lang in ("python", "console")
+    ]
+    # every block ran, the slow ones included (a failing command raises inside run_doc)
+    assert run_doc(doc, slow=True) == len(runnable)
 
 
 def test_the_default_run_skips_slow_blocks(tmp_path, monkeypatch):
