@@ -67,7 +67,7 @@ class AsyncPolicy:
         self.wake_s: float | None = None  # when a pending WAKE event fires
         self.progress: dict[int, int] = {}  # task key -> answers its suspended procedure took
         self._min_task_s: float | None = None
-        self.runtime_metrics: dict[str, Any] = {}  # of the last batch computed
+        self.runtime_metrics: dict[str, Any] = {}  # of the last execute (batch or resume)
         self._reset_step()
 
     def _reset_step(self) -> None:
@@ -236,6 +236,7 @@ class AsyncPolicy:
             else:
                 answer = e.flights.snapshots[flight.answers[done]]
                 out = e.runtime.execute([task], {}, 1, defer_state=True, answers={key: answer})
+            self.runtime_metrics = out.metrics
             done += 1
             self.progress[key] = done
             if key not in out.requests:

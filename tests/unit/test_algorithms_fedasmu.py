@@ -10,7 +10,7 @@ import pytest
 import torch
 from _async_helpers import make_engine
 
-from roost.algorithms.fedasmu import device_merge_weight, server_weight
+from roost.algorithms.fedasmu import FedASMUConfig, device_merge_weight, server_weight
 from roost.config import RunConfig
 from roost.system import HeterogeneousConfig, HeterogeneousSystem
 
@@ -29,6 +29,17 @@ def test_server_weight_by_hand():
     assert all(a > b for a, b in itertools.pairwise(weights))
 
 
+def test_default_server_weight_stays_useful_after_hundreds_of_steps():
+    """μ_α = 10 (not the re-implementations' 1, under which the weight decays to ~0.03 and
+    FEMNIST's CNN stalls at 0.28): at t = 400 with d = 9, ξ = 1 / (sqrt(400) · 9^0.5) = 1/60
+    and α = (10/60) / (1 + 10/60) = 1/7; with μ_α = 1 it would be (1/60) / (61/60) = 1/61."""
+    c = FedASMUConfig()
+    assert c.mu_alpha == 10.0
+    a = server_weight(400, 9, c.lambda0, c.sigma0, c.iota0, c.mu_alpha)
+    assert a == pytest.approx(1 / 7, abs=1e-15)
+    assert server_weight(400, 9, 1.0, 0.5, 0.0, 1.0) == pytest.approx(1 / 61, abs=1e-15)
+
+
 def test_device_merge_weight_by_hand():
     # not fresher: no merge
     assert device_merge_weight(3, 3, 1.0, 0.5, 1.0) == 0.0
@@ -44,7 +55,8 @@ SYSTEM = HeterogeneousSystem(HeterogeneousConfig(speed_sigma=1.0), seed=0)
 
 def test_frozen_controls_without_device_merge_are_fedasync_with_that_weight(monkeypatch):
     """control_lr = 0 and no device merge: every arrival is mixed in with
-    α(t, d) = ξ / (1 + ξ), ξ = 1 / (sqrt(t) d^0.5) (λ0 = 1, σ0 = 0.5, ι0 = 0). FedAsync
+    α(t, d) = 10 ξ / (1 + 10 ξ), ξ = 1 / (sqrt(t) d^0.5) (λ0 = 1, σ0 = 0.5, ι0 = 0,
+    μ_α = 10). FedAsync
     with ρ = 0 and that weight trains the same tasks the same way: the same model, bit
     for bit."""
     asmu, _ = make_engine(RUN, SYSTEM, "fedasmu", {"control_lr": 0.0, "device_merge": False})
@@ -54,7 +66,7 @@ def test_frozen_controls_without_device_merge_are_fedasync_with_that_weight(monk
     monkeypatch.setattr(
         strategy,
         "mixing_weight",
-        lambda a: server_weight(strategy.version + 1, a.staleness + 1, 1.0, 0.5, 0.0, 1.0),
+        lambda a: server_weight(strategy.version + 1, a.staleness + 1, 1.0, 0.5, 0.0, 10.0),
     )
     fedasync.run()
     assert torch.equal(asmu.strategy.params, strategy.params)
