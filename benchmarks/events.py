@@ -19,10 +19,15 @@ does) from parts that cost nothing themselves, so that what is timed is the even
   (``system=w3``) when the shared data folder is missing, which the output says.
 
 One *event* is one task ending (an arrival, or a dropout when a device goes offline)
-with what follows it: the arrival delivered to the strategy, the server step and its
-record, and the refill event that dispatches one idle client (selection, timing, seed,
-snapshot). Each is timed over ``--events`` events after ``--warmup`` (in a fresh process
-per measurement), at N = 10k, 30k and 100k clients, repetitions interleaved.
+with what follows it (the arrival delivered to the strategy, the server step and its
+record, and the refill event that dispatches one idle client: selection, timing, seed,
+snapshot), or one availability change the engine applies to its pool of idle clients (a
+device going online or offline while it is not in flight; the issue lists "device goes
+offline" among the events). The number of changes per virtual second grows with N, the
+number of task ends does not (1,000 in flight), so both are reported: µs per event
+(task ends and changes) and µs per task end. Each is timed over ``--events`` task ends
+after ``--warmup`` (in a fresh process per measurement), at N = 10k, 30k and 100k
+clients, repetitions interleaved.
 
 The floor is the same number of heap operations in plain Python: per event two
 ``heapq.heappush`` and two ``heapq.heappop`` of ``(time, seq, client)`` tuples on a heap
@@ -190,17 +195,27 @@ def build_system(kind: str, clients: int) -> tuple[SystemModel, str]:
     return W3System(W3Config(), 0, clients), "w3 (lognormal speeds)"
 
 
-class Marks:
-    """Callback: the time after step ``warmup``, and the dropouts after it."""
+def changes_applied(engine: Engine) -> int:
+    """Availability changes the engine's pool of idle clients has applied so far."""
+    pool = engine._pool
+    return 0 if pool is None else pool.applied
 
-    def __init__(self, warmup: int) -> None:
+
+class Marks:
+    """Callback: the time after step ``warmup``, the dropouts after it, and the
+    availability changes applied by then."""
+
+    def __init__(self, warmup: int, engine: Engine) -> None:
         self.warmup = warmup
+        self.engine = engine
         self.t0 = math.nan
         self.dropped = 0
+        self.changes0 = 0
 
     def __call__(self, record: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
         r = record["round"]
         if r == self.warmup:
+            self.changes0 = changes_applied(self.engine)
             self.t0 = time.perf_counter()
         elif r > self.warmup:
             self.dropped += record["dropped"]
@@ -269,12 +284,13 @@ def measure(args: argparse.Namespace, clients: int) -> dict[str, Any]:
     engine, data, note = make_engine(
         clients, args.warmup + args.events, args.system, args.runtime, args.batch_hint
     )
-    marks = Marks(args.warmup)
+    marks = Marks(args.warmup, engine)
     engine.callbacks = [marks]
     history = engine.run()
     t1 = time.perf_counter()
     steps = len(history.records) - args.warmup
-    events = steps + marks.dropped
+    changes = changes_applied(engine) - marks.changes0
+    events = steps + marks.dropped + changes
     wall = t1 - marks.t0
     floor = heap_floor(events, CONCURRENCY, clients)
     return {
@@ -284,9 +300,11 @@ def measure(args: argparse.Namespace, clients: int) -> dict[str, Any]:
         "batch_hint": args.batch_hint,
         "arrivals": steps,
         "dropouts": marks.dropped,
+        "availability_changes": changes,
         "events": events,
         "virtual_s": engine.clock.now,
         "us_per_event": wall / events * 1e6,
+        "us_per_task": wall / (steps + marks.dropped) * 1e6,
         "floor_us_per_event": floor * 1e6,
         "ratio": wall / events / floor,
         "client_data_generated": data.generated,
@@ -357,7 +375,7 @@ def profile(args: argparse.Namespace, clients: int, top: int) -> None:
     engine, _, note = make_engine(
         clients, args.warmup + args.events, args.system, args.runtime, args.batch_hint
     )
-    marks = Marks(args.warmup)
+    marks = Marks(args.warmup, engine)
     engine.callbacks = [marks]
     prof = cProfile.Profile()
     t0 = time.perf_counter()
@@ -440,21 +458,28 @@ def main() -> None:
             r = child(args, n)
             runs[n].append(r)
             print(
-                f"  [rep {rep + 1}] N={n:>7,}: {r['us_per_event']:6.1f} µs/event "
-                f"(floor {r['floor_us_per_event']:.2f}), {r['arrivals']} arrivals, "
-                f"{r['dropouts']} dropouts",
+                f"  [rep {rep + 1}] N={n:>7,}: {r['us_per_event']:6.1f} µs/event, "
+                f"{r['us_per_task']:6.1f} µs/task (floor {r['floor_us_per_event']:.2f}), "
+                f"{r['arrivals']} arrivals, {r['dropouts']} dropouts, "
+                f"{r['availability_changes']} availability changes",
                 file=sys.stderr,
                 flush=True,
             )
     note = runs[sizes[0]][0]["system"]
     print(f"system: {note}; runtime: {args.runtime}; batch_hint {args.batch_hint}")
-    print(f"{'clients':>8s} {'µs/event':>9s} {'floor µs':>9s} {'ratio':>7s} {'events':>7s} ")
+    print(
+        f"{'clients':>8s} {'µs/event':>9s} {'µs/task':>8s} {'floor µs':>9s} {'ratio':>7s} "
+        f"{'events':>7s} {'changes':>8s}"
+    )
     results = {}
     for n in sizes:
         us = statistics.median(r["us_per_event"] for r in runs[n])
         fl = statistics.median(r["floor_us_per_event"] for r in runs[n])
+        per_task = statistics.median(r["us_per_task"] for r in runs[n])
         results[n] = {
             "us_per_event": us,
+            "us_per_task": per_task,
+            "availability_changes": runs[n][0]["availability_changes"],
             "floor_us_per_event": fl,
             "ratio": us / fl,
             "events": runs[n][0]["events"],
@@ -462,7 +487,10 @@ def main() -> None:
             "all_us_per_event": [r["us_per_event"] for r in runs[n]],
             "client_data_generated": max(r["client_data_generated"] for r in runs[n]),
         }
-        print(f"{n:8,d} {us:9.1f} {fl:9.2f} {us / fl:7.0f}x {runs[n][0]['events']:7d}")
+        print(
+            f"{n:8,d} {us:9.1f} {per_task:8.1f} {fl:9.2f} {us / fl:7.0f}x "
+            f"{runs[n][0]['events']:7d} {runs[n][0]['availability_changes']:8d}"
+        )
     worst = max(r["us_per_event"] for r in results.values())
     flat = results[sizes[-1]]["us_per_event"] / results[sizes[0]]["us_per_event"]
     met_us, met_flat = worst <= TARGET_US, flat <= FLAT

@@ -14,18 +14,19 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["ClockTimeout", "Event", "VirtualClock", "WallClock"]
 
 
-@dataclass(order=True)
-class Event:
+class Event(NamedTuple):
+    """One scheduled event. A tuple, so that the heap compares (time, priority, seq) in C;
+    ``seq`` is unique, so ``payload`` is never compared."""
+
     time: float
     priority: int
     seq: int
-    payload: Any = field(compare=False)
+    payload: Any
 
 
 class ClockTimeout(TimeoutError):

@@ -39,7 +39,7 @@ def check_concurrency(value: int | None) -> None:
     check(value is None or value >= 1, "concurrency", value, "must be >= 1 or none")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Arrival:
     """What the server knows about one delivered result.
 
@@ -90,10 +90,15 @@ class AsyncStrategy(Strategy):
         """How many more arrivals make the next step (None: unknown)."""
         return None
 
-    def select_idle(self, refill: int, idle: np.ndarray, rng: np.random.Generator) -> int:
+    def select_idle(
+        self, refill: int, idle: Sequence[int] | np.ndarray, rng: np.random.Generator
+    ) -> int:
         """The client of the ``refill``-th dispatch (from 1) among the sorted ids ``idle``
-        (clients neither in flight nor offline): W3's ``idle[rng.integers(len(idle))]``."""
-        return int(idle[rng.integers(len(idle))])
+        (clients neither in flight nor offline): W3's ``idle[rng.integers(len(idle))]``.
+        ``idle`` supports ``len`` and ``idle[k]`` in O(log N) (the engine's pool) or is an
+        array; ``np.asarray(idle)`` gives the ids in O(N). ``rng`` is, or stands for,
+        ``default_rng([seed, 6, refill])``."""
+        return int(idle[int(rng.integers(len(idle)))])
 
     def step(self, round: int, contributions: Sequence[Contribution]) -> dict[str, float]:
         raise TypeError(

@@ -35,6 +35,7 @@ import numpy as np
 from roost.algorithms.asynchronous import AsyncStrategy
 from roost.algorithms.base import Strategy
 from roost.engine.core import REFILL, WAKE, delivery_metrics
+from roost.engine.draws import LazyStream, StreamDraws
 from roost.engine.flight import Computed, certain_prefix
 from roost.registry import ConfigError
 
@@ -68,6 +69,7 @@ class AsyncPolicy:
         self.progress: dict[int, int] = {}  # task key -> answers its suspended procedure took
         self._min_task_s: float | None = None
         self.runtime_metrics: dict[str, Any] = {}  # of the last execute (batch or resume)
+        self._refill_draws = StreamDraws(engine.run_config.seed, 6)
         self._reset_step()
 
     def _reset_step(self) -> None:
@@ -124,12 +126,13 @@ class AsyncPolicy:
         e = self.engine
         payload = None
         while len(e.flights) < self.concurrency:
-            idle = e.candidates(e.clock.now)
+            idle = e.dispatchable(e.clock.now)
             if not len(idle):
                 self._wait()
                 return
             self.refills += 1
-            rng = np.random.default_rng([e.run_config.seed, 6, self.refills])
+            # default_rng([seed, 6, j]), its first integers(n) computed in batches
+            rng: Any = LazyStream(self._refill_draws, self.refills)
             payload = payload or self.strategy.payload(self.strategy.version)
             self._dispatch(self.strategy.select_idle(self.refills, idle, rng), payload)
 
@@ -138,8 +141,11 @@ class AsyncPolicy:
         e = self.engine
         if self.wake_s is not None:
             return
-        idle = np.flatnonzero(~e.busy)
-        t = e.system.next_available_s(idle, e.clock.now)
+        pool = e.idle_pool(e.clock.now)
+        if pool is not None:
+            t = pool.next_online_s()
+        else:
+            t = e.system.next_available_s(np.flatnonzero(~e.busy), e.clock.now)
         if t <= e.clock.now:  # available "now" but not at this instant: try a moment later
             t = math.nextafter(e.clock.now, math.inf)
         if math.isfinite(t):
@@ -209,7 +215,10 @@ class AsyncPolicy:
 
     def _compute(self, batch: list[Flight]) -> None:
         e = self.engine
-        tasks = [dataclasses.replace(f.task, group=i) for i, f in enumerate(batch)]
+        tasks = [
+            f.task if f.task.group == i else dataclasses.replace(f.task, group=i)
+            for i, f in enumerate(batch)
+        ]
         versions = {f.task.version for f in batch}
         outcome = e.runtime.execute(
             tasks, {v: e.flights.snapshots[v] for v in versions}, len(tasks), defer_state=True

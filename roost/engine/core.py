@@ -30,6 +30,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Protocol
 
 import numpy as np
@@ -41,6 +42,7 @@ from roost.clock import VirtualClock
 from roost.config import RunConfig
 from roost.data.base import FederatedDataset
 from roost.engine.flight import Flight, FlightTable
+from roost.engine.idle import IdlePool
 from roost.errors import Diverged
 from roost.runtime.base import Runtime, Task, task_seed
 from roost.state import ClientStateStore
@@ -63,6 +65,7 @@ __all__ = [
 # arrivals made); freed slots are refilled; a round ends
 WAKE = 0
 ARRIVAL = 1
+_NO_SETTINGS: Mapping[str, Any] = MappingProxyType({})
 REQUEST = 2
 REFILL = 3
 ROUND_END = 4
@@ -104,7 +107,7 @@ def client_metric_means(metrics: Sequence[tuple[int, dict[str, float]]]) -> dict
         for key, value in m.items():
             if key not in ("train_loss", "local_steps"):
                 sums.setdefault(key, []).append(float(value))
-    return {f"client_{k}": float(np.mean(v)) for k, v in sums.items()}
+    return {f"client_{k}": math.fsum(v) / len(v) for k, v in sums.items()}
 
 
 def delivery_metrics(
@@ -113,7 +116,7 @@ def delivery_metrics(
     """A step's record fields from its delivered results: mean train loss, the clients'
     other metrics, and staleness statistics."""
     losses = [m["train_loss"] for _, m in metrics if "train_loss" in m]
-    out: dict[str, Any] = {"train_loss": float(np.mean(losses)) if losses else None}
+    out: dict[str, Any] = {"train_loss": math.fsum(losses) / len(losses) if losses else None}
     out.update(client_metric_means(metrics))
     out["staleness_mean"] = sum(staleness) / len(staleness) if len(staleness) else None
     out["staleness_max"] = int(max(staleness)) if len(staleness) else None
@@ -159,6 +162,8 @@ class Engine:
         self.busy = np.zeros(dataset.num_clients, dtype=bool)
         self._ids = np.arange(dataset.num_clients)
         self._always_available = type(system).available is SystemModel.available
+        self._pool: IdlePool | None = None  # built at the first dispatchable() call
+        self._pool_unsupported = False
         self.policy: RoundPolicy | AsyncPolicy = (
             AsyncPolicy(self) if isinstance(strategy, AsyncStrategy) else RoundPolicy(self)
         )
@@ -170,6 +175,40 @@ class Engine:
         if self._always_available:
             return np.flatnonzero(~self.busy)
         return np.flatnonzero(self.system.available(self._ids, t) & ~self.busy)
+
+    def dispatchable(self, t: float) -> IdlePool | np.ndarray:
+        """The clients available at ``t`` and not in flight, in id order, for picking one
+        at a time: an :class:`~roost.engine.idle.IdlePool` kept up to date from the system
+        model's availability changes (``len`` and ``pool[k]`` in O(log N)), or, when the
+        model cannot list its changes, the array :meth:`candidates` builds in O(N)."""
+        pool = self.idle_pool(t)
+        return self.candidates(t) if pool is None else pool
+
+    def idle_pool(self, t: float) -> IdlePool | None:
+        """The pool of dispatchable clients advanced to ``t`` (None when the system model
+        cannot list its availability changes). Built on first use from one vectorised
+        ``available`` query at ``t``."""
+        pool = self._pool
+        if pool is None:
+            if self._pool_unsupported:
+                return None
+            n = self.dataset.num_clients
+            system = self.system
+            if system.availability_changes(t, t, n) is None:
+                self._pool_unsupported = True
+                return None
+            available = (
+                np.ones(n, dtype=bool) if self._always_available else system.available(self._ids, t)
+            )
+
+            def changes(t0: float, t1: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                out = system.availability_changes(t0, t1, n)
+                assert out is not None
+                return out
+
+            pool = self._pool = IdlePool(available, self.busy, t, changes)
+        pool.advance(t)
+        return pool
 
     def plan_flight(
         self,
@@ -184,7 +223,7 @@ class Engine:
         in flight, see :meth:`launch`)."""
         self.dispatches[client_id] += 1
         dispatch = int(self.dispatches[client_id])
-        settings = dict(settings or {})
+        settings = dict(settings) if settings else _NO_SETTINGS
         work = self.algorithm.work_examples(self.dataset.num_examples(client_id), settings)
         down = payload.nbytes
         up = self.algorithm.upload_nbytes(self.num_params, payload.version)
@@ -201,7 +240,7 @@ class Engine:
             payload.version,
             seed,
             key=key,
-            settings=tuple(sorted(settings.items())),
+            settings=tuple(sorted(settings.items())) if settings else (),
         )
         # each answered request downloads the model once more
         return Flight(key, task, timing, dispatch, work, down * (1 + len(requests)), up, requests)
@@ -232,14 +271,24 @@ class Engine:
         """Put a planned task in flight: its arrival (or dropout) becomes an event."""
         self.flights.add(flight, payload)
         self.busy[flight.client_id] = True
+        if self._pool is not None:
+            self._pool.set_busy(flight.client_id, True)
         self.clock.schedule(flight.end_s, ("task", flight.key), ARRIVAL)
         for t in flight.requests_s[len(flight.answers) :]:
             self.clock.schedule(t, ("request", flight.key), REQUEST)
 
     def land(self, key: int) -> Flight:
-        """Take a task out of flight (delivered or lost); its client is idle again."""
+        """Take a task out of flight (delivered or lost); its client is idle again, and
+        offline if the task was lost (its device went offline now: the pool of idle
+        clients does not wait for the change list's time of that boundary, which may
+        round an ulp later)."""
         flight = self.flights.remove(key)
         self.busy[flight.client_id] = False
+        pool = self._pool
+        if pool is not None:
+            if flight.lost:
+                pool.set_available(flight.client_id, False)
+            pool.set_busy(flight.client_id, False)
         return flight
 
     def arrival(self, flight: Flight) -> Arrival:
@@ -272,7 +321,13 @@ class Engine:
         models = (
             [params] if self.strategy.eval_params is params else [params, self.strategy.eval_params]
         )
-        bad = sum(m.numel() - int(torch.isfinite(m).sum()) for m in models)
+        # a float sum is finite only if every term is (NaN and Inf propagate): one
+        # reduction per model; the values are counted only when it is not
+        bad = sum(
+            m.numel() - int(torch.isfinite(m).sum())
+            for m in models
+            if not math.isfinite(float(m.sum()))
+        )
         if not bad:
             overflowed = [
                 k
@@ -395,6 +450,7 @@ class Engine:
         self.dispatches = state["dispatches"].numpy().astype(np.int64).copy()
         self.flights = FlightTable.from_state_dict(state["flights"])
         self.busy[:] = False
+        self._pool = None  # rebuilt from the clock's time at the next dispatch
         for key in sorted(self.flights.flights):
             flight = self.flights.flights[key]
             self.busy[flight.client_id] = True

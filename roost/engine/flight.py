@@ -25,7 +25,7 @@ from roost.system.model import TaskTiming
 __all__ = ["Flight", "FlightTable", "certain_prefix"]
 
 
-@dataclass
+@dataclass(slots=True)
 class Flight:
     """One dispatched task. ``key`` orders tasks by dispatch (ties in arrival time go to
     the task dispatched first); ``dispatch`` is the client's dispatch number (from 1).
@@ -82,8 +82,9 @@ class FlightTable:
     def add(self, flight: Flight, payload: Payload) -> None:
         self.flights[flight.key] = flight
         self.snapshots.setdefault(payload.version, payload)
-        for v in flight.versions():
-            self.users[v] = self.users.get(v, 0) + 1
+        users = self.users
+        for v in flight.versions() if flight.answers else (flight.task.version,):
+            users[v] = users.get(v, 0) + 1
 
     def answer(self, flight: Flight, payload: Payload) -> None:
         """Record that ``flight``'s procedure was answered with ``payload`` (kept as a
@@ -102,12 +103,13 @@ class FlightTable:
         """Take a task out (delivered or lost); drop snapshots no task needs any more."""
         flight = self.flights.pop(key)
         self.computed.pop(key, None)
-        for version in flight.versions():
-            left = self.users[version] - 1
+        users = self.users
+        for version in flight.versions() if flight.answers else (flight.task.version,):
+            left = users[version] - 1
             if left:
-                self.users[version] = left
+                users[version] = left
             else:
-                del self.users[version]
+                del users[version]
                 self.snapshots.pop(version, None)
         return flight
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -50,12 +51,12 @@ class DeviceProfile:
     downlink_mbps: float
 
 
-@dataclass(frozen=True)
-class TaskTiming:
+class TaskTiming(NamedTuple):
     """The phases of one task dispatched at ``start_s`` (absolute virtual seconds).
 
     ``offline_s`` is when the device goes offline before ``arrival_s`` (the task is lost
-    then, a dropout); None when it stays online until its result has arrived.
+    then, a dropout); None when it stays online until its result has arrived. (A tuple:
+    the engine makes one per dispatch.)
     """
 
     start_s: float
@@ -91,6 +92,22 @@ class SystemModel:
     def available(self, client_ids: np.ndarray, t: float) -> np.ndarray:
         """A boolean mask: which of ``client_ids`` are online at virtual time ``t``."""
         return np.ones(len(client_ids), dtype=bool)
+
+    def availability_changes(
+        self, t0: float, t1: float, num_clients: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The changes of availability of clients ``0..num_clients-1`` in the virtual-time
+        interval ``(t0, t1]``: (times float64 ascending, client ids int64, online bool),
+        ordered by (time, online=False first, client id). Applying every change with time
+        ``<= t`` to ``available(ids, t0)`` gives ``available(ids, t)``.
+
+        None: this model cannot list its changes (the caller then queries
+        :meth:`available` each time). The default: a model that keeps the base
+        :meth:`available` (every client always online) has no change, three empty arrays;
+        one that overrides :meth:`available` without overriding this returns None."""
+        if type(self).available is SystemModel.available:
+            return np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
+        return None
 
     def next_available_s(self, client_ids: np.ndarray, t: float) -> float:
         """The earliest time ``>= t`` at which one of ``client_ids`` is online (inf if

@@ -8,7 +8,7 @@ A device's series is segments ``[b_j, b_{j+1})`` of rate ``r_j`` bytes/s over on
 with ``C_j = sum_{i<j} r_i (b_{i+1} - b_i)`` (cumulative sums) and ``B = C_m`` the bytes
 of one period. A transfer of ``N`` bytes starting at ``τ`` ends at the smallest ``x`` with
 ``F(x) = F(τ) + N``: split ``G = F(τ) + N`` into ``q`` whole periods and a remainder
-``g``, find the segment where the cumulative bytes reach ``g`` (``np.searchsorted``) and
+``g``, find the segment where the cumulative bytes reach ``g`` (a binary search) and
 solve inside it linearly. So the same bytes take different times at different start
 times, and a transfer may wrap past the end of the trace any number of times.
 
@@ -36,6 +36,7 @@ Sources (shared/data/PROVENANCE.md §2-§4; FedScale's device_info README):
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,25 +106,53 @@ class Rates:
         self.total = self.cum_end[self.first[1:] - 1].copy()
         self.max_rate = np.maximum.reduceat(self.rates, self.first[:-1])
         self.mean_rate = self.total / self.period
+        self.period_list: list[float] = self.period.tolist()
+        # per slot, built on its first end_after: (bounds, rates, cum, cum_end, period, total)
+        self._one: list[
+            tuple[list[float], list[float], list[float], list[float], float, float] | None
+        ] = [None] * self.n
 
     def end_after(self, slot: int, tau: float, nbytes: float) -> float:
-        """The trace time at which ``nbytes`` sent from trace time ``tau`` have arrived."""
+        """The trace time at which ``nbytes`` sent from trace time ``tau`` have arrived
+        (the module docstring's inverse of ``F``), in plain Python: the slot's bounds
+        ``b``, rates ``r``, cumulative bytes ``C`` and ``C_end`` as lists (built on the
+        slot's first query and kept) and ``bisect`` for ``np.searchsorted``.
+
+        ``rel = τ mod P``; ``j``: the last segment with ``b_j <= rel``; ``G = C_j + r_j
+        (rel - b_j) + N``; ``q = floor(G / B)`` whole periods and ``g = G - q B``, taking
+        ``g = B`` rather than 0 when ``G`` is a whole number of periods (the bytes are
+        reached at the period's end, not its start); ``k``: the first segment with
+        ``C_end_k >= g``, so ``r_k > 0``; the end is ``τ + q P + b_k + (g - C_k) / r_k -
+        rel``. When rounding puts ``g`` past the last positive segment (``k`` clamped to a
+        last segment of rate 0), ``k`` steps back to the last segment with ``r_k > 0``."""
         if nbytes <= 0:
             return tau
-        lo, hi = int(self.first[slot]), int(self.first[slot + 1])
-        p, total = float(self.period[slot]), float(self.total[slot])
-        b, r, c = self.bounds[lo:hi], self.rates[lo:hi], self.cum[lo:hi]
+        entry = self._one[slot]
+        if entry is None:
+            lo, hi = int(self.first[slot]), int(self.first[slot + 1])
+            entry = (
+                self.bounds[lo:hi].tolist(),
+                self.rates[lo:hi].tolist(),
+                self.cum[lo:hi].tolist(),
+                self.cum_end[lo:hi].tolist(),
+                float(self.period[slot]),
+                float(self.total[slot]),
+            )
+            self._one[slot] = entry
+        b, r, c, c_end, p, total = entry
         rel = tau - math.floor(tau / p) * p
         if rel >= p:
             rel = 0.0
-        j = int(np.searchsorted(b, rel, side="right")) - 1
-        g = float(c[j] + r[j] * (rel - b[j])) + float(nbytes)
+        j = bisect_right(b, rel) - 1
+        g = c[j] + r[j] * (rel - b[j]) + nbytes
         q = math.floor(g / total)
         g -= q * total
         if g <= 0.0 and q > 0:
             q, g = q - 1, g + total
-        k = min(int(np.searchsorted(self.cum_end[lo:hi], g, side="left")), hi - lo - 1)
-        x = float(b[k] + (g - c[k]) / r[k])
+        k = min(bisect_left(c_end, g), len(b) - 1)
+        while r[k] == 0.0 and k > 0:
+            k -= 1
+        x = b[k] + (g - c[k]) / r[k]
         return tau + (q * p + x - rel)
 
 

@@ -37,6 +37,7 @@ from roost.registry import ConfigError, check
 from roost.system.model import DeviceProfile, SystemModel, TaskTiming
 from roost.system.traces.options import TraceConfig
 from roost.system.traces.pools import SlotTable, availability_pool, bandwidth_pool, compute_pool
+from roost.system.traces.windows import for_clients
 
 __all__ = ["TraceConfig", "TraceDevices", "TraceSystem"]
 
@@ -63,6 +64,10 @@ class TraceSystem(SystemModel):
         self.down, self.up, self._bw_names = bandwidth_pool(cfg, seed)
         self._u0 = float(np.random.default_rng([seed, 9]).random())
         self._avail_slots = SlotTable(self.windows.n if self.windows is not None else 1)
+        # the scalar paths (one client per call) read plain Python floats
+        self._speed_list: list[float] = self._speed.tolist()
+        self._offset = float(cfg.availability_offset_s)
+        self._scale = float(cfg.availability_time_scale)
 
     # ---- the SystemModel interface ------------------------------------------------------
     def set_model_cost(self, macs_per_example: float) -> None:
@@ -96,7 +101,8 @@ class TraceSystem(SystemModel):
         )
 
     def speed(self, client_id: int) -> float:
-        return float(self._speed[client_id % len(self._speed)])
+        speeds = self._speed_list
+        return speeds[client_id % len(speeds)]
 
     def profile(self, client_id: int) -> DeviceProfile:
         """Relative speed and *mean* bandwidths (the actual ones vary with time)."""
@@ -108,7 +114,7 @@ class TraceSystem(SystemModel):
         )
 
     def _tau(self, t: float) -> float:
-        return self.cfg.availability_offset_s + self.cfg.availability_time_scale * t
+        return self._offset + self._scale * t
 
     def available(self, client_ids: np.ndarray, t: float) -> np.ndarray:
         """One vectorised query; for many clients, every slot is queried once (cached per
@@ -132,20 +138,42 @@ class TraceSystem(SystemModel):
             nxt = float(self.windows.next_online(slots, tau).min())
         return math.inf if nxt == math.inf else t + (nxt - tau) / self.cfg.availability_time_scale
 
+    def availability_changes(
+        self, t0: float, t1: float, num_clients: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The switches on and off of clients ``0..num_clients-1`` in ``(t0, t1]``, from the
+        windows (:meth:`Windows.changes <roost.system.traces.windows.Windows.changes>`: per
+        slot, vectorised, then repeated for the clients ``k`` with ``k mod n`` = that slot,
+        :func:`~roost.system.traces.windows.for_clients`), ordered by (time, off before on,
+        client id). A stretch online across a slot's wrap (last window ending at the period,
+        first starting at 0) gives no switch there. A switch's time is its trace boundary
+        ``τ`` mapped back as ``(τ - availability_offset_s) / availability_time_scale``: it
+        may differ by a few ulps from where :meth:`available` flips, but the switches up to
+        ``t1`` applied to ``available(ids, t0)`` give ``available(ids, t1)`` exactly.
+        Without availability windows, none (empty arrays). The interval must be finite
+        (ValueError): the changes are listed, so their number grows with ``t1 - t0``."""
+        windows = self.windows
+        if windows is None or not t1 > t0 or num_clients <= 0:
+            return np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
+        n = int(num_clients)
+        changes = windows.changes(float(t0), float(t1), self._offset, self._scale, n)
+        return for_clients(changes, windows.n, n)
+
     def offline_s(self, client_id: int, start_s: float, arrival_s: float) -> float | None:
         """The first time in ``[start_s, arrival_s)`` the client is offline, else None."""
-        if self.windows is None:
+        windows = self.windows
+        if windows is None:
             return None
-        tau = self._tau(start_s)
-        until = float(self.windows.online_until(np.array([client_id % self.windows.n]), tau)[0])
-        off = start_s + (until - tau) / self.cfg.availability_time_scale
+        tau = self._offset + self._scale * start_s
+        until = windows.online_until_one(client_id % windows.n, tau)
+        off = start_s + (until - tau) / self._scale
         return off if off < arrival_s else None
 
     def transfer_end_s(self, client_id: int, start_s: float, nbytes: int, uplink: bool) -> float:
         rates = self.up if uplink else self.down
         s = client_id % rates.n
         begin = start_s + self.latency_s
-        phase = ((self._u0 + client_id * GOLDEN) % 1.0) * float(rates.period[s])
+        phase = ((self._u0 + client_id * GOLDEN) % 1.0) * rates.period_list[s]
         return begin + (rates.end_after(s, begin + phase, float(nbytes)) - (begin + phase))
 
     def timing(
@@ -177,7 +205,11 @@ class TraceSystem(SystemModel):
         return float((compute + down + up).min() + 2 * self.latency_s) * (1.0 - 1e-6)
 
     def compute_time_s(self, client_id: int, work_examples: int) -> float:
-        return work_examples * self.reference_seconds_per_example() / self.speed(client_id)
+        speeds = self._speed_list
+        ref = self.cfg.reference_seconds_per_example
+        if ref is None:
+            ref = self.reference_seconds_per_example()
+        return work_examples * ref / speeds[client_id % len(speeds)]
 
     def download_time_s(self, client_id: int, nbytes: int) -> float:
         return self.transfer_end_s(client_id, 0.0, nbytes, uplink=False)
