@@ -76,6 +76,7 @@ from roost.config import RunConfig
 from roost.data import W1Dataset
 from roost.data.base import ClientData
 from roost.engine import Engine
+from roost.engine.draws import StreamDraws
 from roost.runtime.base import Job, Outcome, Runtime, task_seed
 from roost.runtime.local import LocalRuntime
 from roost.state import InMemoryStateStore
@@ -319,30 +320,28 @@ def micro(args: argparse.Namespace, clients: int) -> None:
     flights = e.flights
     now = e.clock.now
     payload = e.strategy.payload(e.strategy.version)
-    idle = e.candidates(now)
+    pool = e.dispatchable(now)
     fl = next(iter(flights.flights.values()))
     work = e.algorithm.work_examples(e.dataset.num_examples(fl.client_id))
     ids = np.arange(clients)
-    avail = e.system.available(ids, now)
-    mask = avail & ~e.busy
+    draws = StreamDraws(0, 6)
     rows: list[tuple[str, Any]] = [
-        ("Engine.candidates(t)", lambda: e.candidates(now)),
-        ("  system.available(ids, t)", lambda: e.system.available(ids, now)),
-        ("  available & ~busy", lambda: avail & ~e.busy),
-        ("  ids[mask]", lambda: ids[mask]),
-        ("default_rng([seed, 6, j])", lambda: np.random.default_rng([0, 6, 12345])),
+        ("Engine.dispatchable(t) (the pool, advanced to t)", lambda: e.dispatchable(now)),
         (
-            "select_idle(j, idle, rng)",
-            lambda: e.strategy.select_idle(1, idle, np.random.default_rng([0, 6, 1])),
+            "  the O(N) list it replaces: system.available(ids, t)",
+            lambda: e.system.available(ids, now),
         ),
+        ("pool[k] (Fenwick descent + bit scan)", lambda: pool[len(pool) // 2]),
+        ("pool.set_busy(c, True/False)", lambda: (pool.set_busy(3, True), pool.set_busy(3, False))),
+        (
+            "default_rng([seed, 6, j]).integers(n) (numpy)",
+            lambda: np.random.default_rng([0, 6, 12345]).integers(70000),
+        ),
+        ("  the same from StreamDraws (batched)", lambda: draws.integers(12345, 70000)),
         ("task_seed(seed, client, dispatch)", lambda: task_seed(0, 123, 4)),
         (
             "system.timing(...)",
             lambda: e.system.timing(fl.client_id, now, work, payload.nbytes, 4 * NUM_PARAMS),
-        ),
-        (
-            "FlightTable.remove's union of versions (1000 flights)",
-            lambda: set().union(*(f.versions() for f in flights.flights.values())),
         ),
         (
             "Engine.snapshot of a new version (a Payload with a clone of 10 params)",
@@ -352,16 +351,9 @@ def micro(args: argparse.Namespace, clients: int) -> None:
             "VirtualClock.schedule + pop",
             lambda: (e.clock.schedule(now, ("x", -1), 9), e.clock.pop()),
         ),
-        (
-            "Engine.check_finite (torch.isfinite(params).sum())",
-            lambda: e.check_finite(1, 0.0, {}),
-        ),
-        (
-            "dataset.num_examples(c)",
-            lambda: e.dataset.num_examples(fl.client_id),
-        ),
+        ("Engine.check_finite", lambda: e.check_finite(1, 0.0, {})),
     ]
-    print(f"hot spots alone, N = {clients:,}, {len(flights)} in flight, {len(idle):,} idle:")
+    print(f"hot spots alone, N = {clients:,}, {len(flights)} in flight, {len(pool):,} idle:")
     for name, fn in rows:
         n = 2000
         fn()

@@ -6,7 +6,8 @@ machine state on average:
 
 * ``floor``: ``benchmarks/w3_floor.py --model M`` (plain PyTorch, WORKLOADS.md alone);
 * ``local``: ``roost run w3 model=M --quiet --out TMP``, as a user runs it (a run
-  directory, with a checkpoint after each of the 50 server steps);
+  directory: every step's metrics line, and checkpoints as ``checkpoint_every_s``
+  (default 10 s) asks: after the first step and the last);
 * ``local-nodir``: the same run through the Python API without a run directory
   (``benchmarks/w3_api.py``: ``roost.runner.run(resolve(...))`` with no ``out``);
 * ``workers``: ``roost run w3 model=M runtime=workers workers=2 --quiet --out TMP``;

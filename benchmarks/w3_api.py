@@ -1,7 +1,7 @@
 """W3 through the Python API, without a run directory (no metrics file, no checkpoints).
 
-``roost run`` always keeps a run directory and writes a checkpoint after every server
-step; this child of ``benchmarks/w3.py`` runs the same preset with
+``roost run`` always keeps a run directory: a metrics line per server step and
+checkpoints (``checkpoint_every_s``); this child of ``benchmarks/w3.py`` runs the same preset with
 ``roost.runner.run(resolve(...))`` and no ``out``, so that the cost of the run directory
 can be told apart from the engine's. Prints one JSON line (``final_loss``, ``final
 accuracy``, and with worker processes the peak RSS summed over all of them, as

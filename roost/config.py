@@ -111,6 +111,11 @@ class RunConfig:
             virtual time, in seconds (None: no budget).
         tensorboard: also write every round's metrics as TensorBoard scalars into
             ``tensorboard/`` in the run directory (``pip install 'roost[tensorboard]'``).
+        checkpoint_every_s: with a run directory, wall seconds between checkpoints: one
+            after the first step, then after the first step at least this long after the
+            last one, and after the last step (0: after every step). Every step's
+            metrics line is written at once; a resumed run continues from the last
+            checkpoint and recomputes the steps after it, to the same numbers.
     """
 
     rounds: int = 10
@@ -127,6 +132,7 @@ class RunConfig:
     target_accuracy: float | None = None
     virtual_time_budget_s: float | None = None
     tensorboard: bool = False
+    checkpoint_every_s: float = 10.0
 
     def __post_init__(self) -> None:
         check(self.rounds >= 1, "rounds", self.rounds, "must be >= 1")
@@ -155,6 +161,12 @@ class RunConfig:
             "must be drop or carry",
         )
         check(self.threads is None or self.threads >= 1, "threads", self.threads, "must be >= 1")
+        check(
+            self.checkpoint_every_s >= 0 and math.isfinite(self.checkpoint_every_s),
+            "checkpoint_every_s",
+            self.checkpoint_every_s,
+            "must be a number of seconds >= 0",
+        )
         check(
             self.target_accuracy is None or 0 < self.target_accuracy <= 1,
             "target_accuracy",

@@ -8,6 +8,7 @@ system model, the runtime, and the callbacks that write metrics and checkpoints.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -39,13 +40,34 @@ CHECKPOINT_FORMAT = 3
 
 
 class _Checkpointer:
-    """Callback: append the round's metrics line, then save an atomic checkpoint."""
+    """Callback: append the step's metrics line; save an atomic checkpoint when
+    ``every_s`` wall seconds have passed since the last one (always after the first
+    step), and, through :meth:`finish`, after the run's last step."""
 
-    def __init__(self, rundir: RunDir, engine: Engine, store: ClientStateStore) -> None:
+    def __init__(
+        self, rundir: RunDir, engine: Engine, store: ClientStateStore, every_s: float
+    ) -> None:
         self.rundir, self.engine, self.store = rundir, engine, store
+        self.every_s = every_s
+        self.saved_at = -math.inf  # time.monotonic() of the last checkpoint
+        self.pending: dict[str, Any] | None = None  # the last record not checkpointed
 
     def __call__(self, record: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
         self.rundir.append_metrics(record)
+        if time.monotonic() - self.saved_at < self.every_s:
+            self.pending = record
+            return False, {}
+        self.save(record)
+        return False, {}
+
+    def finish(self) -> None:
+        """The run ended: checkpoint its last step if it was not."""
+        if self.pending is not None:
+            self.save(self.pending)
+
+    def save(self, record: dict[str, Any]) -> None:
+        self.pending = None
+        self.saved_at = time.monotonic()
         self.store.commit(record["round"])  # durable before the checkpoint names it
         snapshots = self.engine.flights.snapshot_dicts()
         if snapshots:  # each version written once, not in every checkpoint
@@ -64,7 +86,6 @@ class _Checkpointer:
             }
         )
         self.rundir.prune_snapshots(set(snapshots))
-        return False, {}
 
 
 def _as_resolved(config: ResolvedConfig | Mapping[str, Any]) -> ResolvedConfig:
@@ -226,8 +247,10 @@ def _execute_run(
         store.close()  # a finished run resumed: nothing to compute, its summary stands
         return history
     engine.callbacks = list(callbacks)
+    checkpointer = None
     if rundir is not None:
-        engine.callbacks.append(_Checkpointer(rundir, engine, store))
+        checkpointer = _Checkpointer(rundir, engine, store, rc.checkpoint_every_s)
+        engine.callbacks.append(checkpointer)
     tensorboard = None
     if rc.tensorboard:
         if rundir is None:
@@ -248,6 +271,8 @@ def _execute_run(
             if checkpoint is not None:
                 runtime.load_state_dict(checkpoint.get("runtime", {}))
             engine.run(start_round, history)
+            if checkpointer is not None:
+                checkpointer.finish()
     except Diverged as e:
         if rundir is not None and rundir.has_checkpoint():
             rundir.write_summary(

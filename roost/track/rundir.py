@@ -1,8 +1,10 @@
 """The run directory: ``config.json``, ``metrics.jsonl``, ``summary.json``, ``checkpoint.pt``.
 
-``metrics.jsonl`` holds one JSON object per round. A checkpoint is written atomically
-after every round, after that round's metrics line; on resume, lines for rounds past the
-checkpoint (and a torn last line) are dropped, so the file always matches the model.
+``metrics.jsonl`` holds one JSON object per round, appended as each round ends. A
+checkpoint is written atomically after a round's metrics line, as often as the run's
+``checkpoint_every_s`` asks (the runner decides); on resume, lines for rounds past the
+checkpoint (and a torn last line) are dropped and recomputed, so the file always matches
+the model.
 """
 
 from __future__ import annotations

@@ -81,6 +81,41 @@ def test_resume_after_sigkill_of_a_real_run(tmp_path, start_run_until_round, res
     ]
 
 
+@pytest.mark.parametrize(("every", "kept"), [("0", 3), ("1e9", 1)])
+def test_checkpoints_every_so_many_seconds_resume_to_the_same_run(tmp_path, every, kept):
+    """checkpoint_every_s=0: a checkpoint after every step, so a crash in step 4's
+    callbacks leaves step 3's; 1e9 s: only the first step's (and the last's, for a run
+    that ends). The metrics lines of the steps after the checkpoint are on disk at the
+    crash, and a resume recomputes them to the same numbers."""
+    cfg = resolve(
+        apply_overrides(
+            load_config_source("quickstart"),
+            [*OVERRIDES, "rounds=6", f"checkpoint_every_s={every}"],
+        )
+    )
+    run(cfg, tmp_path / "full")
+    full_checkpoint = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    assert full_checkpoint["round"] == 6  # the last step is always checkpointed
+
+    def crash_in_round_4(record):
+        if record["round"] == 4:
+            raise Crash
+        return False, {}
+
+    # the caller's callbacks run before the checkpointer: step 4 leaves no trace
+    with pytest.raises(Crash):
+        run(cfg, tmp_path / "cut", callbacks=[crash_in_round_4])
+    checkpoint = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["round"] == kept
+    assert [r["round"] for r in _records(tmp_path / "cut")] == [1, 2, 3]
+    resume(tmp_path / "cut")
+    full, cut = _records(tmp_path / "full"), _records(tmp_path / "cut")
+    assert [r["round"] for r in cut] == [1, 2, 3, 4, 5, 6]
+    assert torch.equal(_final_params(tmp_path / "cut"), _final_params(tmp_path / "full"))
+    for key in ("accuracy", "loss", "virtual_time_s", "train_loss"):
+        assert [r[key] for r in cut] == [r[key] for r in full], key
+
+
 def test_resume_of_a_missing_directory_fails_clearly(tmp_path):
     from roost.track.rundir import RunDirError
 
