@@ -2,7 +2,7 @@
 
     roost run PRESET_OR_FILE [KEY=VALUE ...] [--out DIR]
     roost run --resume DIR [runtime=... runtime.FIELD=... workers=N threads=N]
-    roost plot DIR [DIR ...] [--out FILE] [--x round,virtual,wall]
+    roost plot DIR [DIR ...] [--out FILE] [--x round,virtual,wall] [--loss-scale auto|linear|log]
     roost list [KIND] [imports=FILE.py]
     roost --version
 
@@ -64,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="AXES",
         help="x axes, one column each, comma-separated: round, virtual (virtual time), "
         "wall (wall-clock time) (default: round,virtual)",
+    )
+    pl.add_argument(
+        "--loss-scale",
+        choices=["auto", "linear", "log"],
+        default="auto",
+        help="the loss axis: log, linear, or auto (log when the losses span more than "
+        "100x, e.g. a run that diverged; default)",
     )
     ls = sub.add_parser(
         "list",
@@ -219,7 +226,7 @@ def _plot(args: argparse.Namespace) -> int:
     default = (
         Path(args.dirs[0]) / "accuracy.png" if len(args.dirs) == 1 else Path("roost-compare.png")
     )
-    target = plot_runs(args.dirs, args.out or default, x=x)
+    target = plot_runs(args.dirs, args.out or default, x=x, loss_scale=args.loss_scale)
     print(target)
     return 0
 

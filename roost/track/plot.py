@@ -5,7 +5,10 @@ The figure has one column per x axis (``round``, ``virtual`` = ``virtual_time_s`
 accuracy on top, loss below: test loss (the ``loss`` field, solid, on evaluated rounds)
 and the clients' mean training loss (``train_loss``, dashed, same colour, every round),
 so a run evaluated only at the end (``eval_every=0``) still shows how training went. The
-round axes have integer ticks.
+round axes have integer ticks. The loss axis is logarithmic when ``loss_scale="log"``, or,
+with ``"auto"`` (the default), when every plotted loss is positive and the largest is
+more than 100 times the smallest: a run that diverged (a loss of 1e6 beside 0.5) then
+still shows its other curves instead of flat lines at the bottom.
 
 matplotlib is imported only here (``pip install 'roost[plot]'``), with the non-interactive
 Agg backend, so plotting works on a machine without a screen.
@@ -26,7 +29,10 @@ from roost.track.rundir import RunDir, RunDirError
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["DEFAULT_X", "X_AXES", "parse_x_axes", "plot_figure", "plot_runs"]
+__all__ = ["DEFAULT_X", "LOSS_SCALES", "X_AXES", "parse_x_axes", "plot_figure", "plot_runs"]
+
+LOSS_SCALES = ("auto", "linear", "log")
+AUTO_LOG_RATIO = 100.0
 
 # x axis name -> (metrics.jsonl field, axis label)
 X_AXES: dict[str, tuple[str, str]] = {
@@ -67,7 +73,23 @@ def _xy(records: list[dict[str, Any]], x: str, y: str) -> tuple[list[float], lis
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_figure(dirs: Sequence[str | os.PathLike[str]], x: Sequence[str] = DEFAULT_X) -> Figure:
+def loss_axis_scale(losses: Sequence[float], loss_scale: str = "auto") -> str:
+    """``"log"`` or ``"linear"`` for these plotted losses (see the module docstring)."""
+    if loss_scale not in LOSS_SCALES:
+        raise ValueError(f"loss scale {loss_scale!r}: allowed: {', '.join(LOSS_SCALES)}")
+    if loss_scale != "auto":
+        return loss_scale
+    finite = [v for v in losses if v == v and abs(v) != float("inf")]
+    if finite and min(finite) > 0 and max(finite) > AUTO_LOG_RATIO * min(finite):
+        return "log"
+    return "linear"
+
+
+def plot_figure(
+    dirs: Sequence[str | os.PathLike[str]],
+    x: Sequence[str] = DEFAULT_X,
+    loss_scale: str = "auto",
+) -> Figure:
     """The figure of :func:`plot_runs`, not yet saved (close it with ``plt.close``).
 
     ``fig.axes`` is ``[accuracy vs x[0], accuracy vs x[1], ..., loss vs x[0], ...]``. Each
@@ -76,6 +98,7 @@ def plot_figure(dirs: Sequence[str | os.PathLike[str]], x: Sequence[str] = DEFAU
     """
     if not x or not all(name in X_AXES for name in x):
         raise ValueError(f"x axes {list(x)}: allowed: {', '.join(X_AXES)}")
+    loss_axis_scale([], loss_scale)  # refuse an unknown scale before plotting
     try:
         import matplotlib
 
@@ -95,6 +118,7 @@ def plot_figure(dirs: Sequence[str | os.PathLike[str]], x: Sequence[str] = DEFAU
         constrained_layout=True,
     )
     has_train = False
+    losses: list[float] = []
     for i, run in enumerate(runs):
         color = f"C{i % 10}"
         for col, name in enumerate(x):
@@ -106,7 +130,9 @@ def plot_figure(dirs: Sequence[str | os.PathLike[str]], x: Sequence[str] = DEFAU
             )
             xs, ys = _xy(run.records, key, "loss")
             ax_loss.plot(xs, ys, marker=".", color=color, gid=f"{run.label}/loss")
+            losses += ys
             xs, ys = _xy(run.records, key, "train_loss")
+            losses += ys
             if xs:
                 has_train = True
                 ax_loss.plot(xs, ys, ls="--", color=color, gid=f"{run.label}/train_loss")
@@ -116,7 +142,9 @@ def plot_figure(dirs: Sequence[str | os.PathLike[str]], x: Sequence[str] = DEFAU
     for col, name in enumerate(x):
         ax_acc, ax_loss = axes[0][col], axes[1][col]
         ax_acc.set_ylabel("test accuracy")
-        ax_loss.set_ylabel("loss")
+        scale = loss_axis_scale(losses, loss_scale)
+        ax_loss.set_yscale(scale)
+        ax_loss.set_ylabel("loss (log scale)" if scale == "log" else "loss")
         ax_loss.set_xlabel(X_AXES[name][1])
         if name == "round":
             for ax in (ax_acc, ax_loss):
@@ -132,9 +160,10 @@ def plot_runs(
     dirs: Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str],
     x: Sequence[str] = DEFAULT_X,
+    loss_scale: str = "auto",
 ) -> Path:
     """Write the PNG of :func:`plot_figure` to ``out`` (atomically); return its path."""
-    fig = plot_figure(dirs, x)
+    fig = plot_figure(dirs, x, loss_scale)
     import matplotlib.pyplot as plt  # imported by plot_figure
 
     try:

@@ -179,3 +179,51 @@ def test_a_run_with_no_losses_or_accuracy_fails_clearly(tmp_path, capsys):
     run = make_run(tmp_path / "a", [{"round": r} for r in range(1, 5)])
     assert main(["plot", str(run)]) == 2
     assert "no rounds with accuracy or loss in metrics.jsonl to plot" in capsys.readouterr().err
+
+
+DIVERGED = [
+    {"round": 1, "accuracy": 0.3, "loss": 2.0, "train_loss": 2.2},
+    {"round": 2, "accuracy": 0.5, "loss": 0.9, "train_loss": 1.0},
+    {"round": 3, "accuracy": 0.1, "loss": 4.0e5, "train_loss": 0.5},
+    {"round": 4, "accuracy": 0.1, "loss": 1.0e6, "train_loss": 3.0e6},
+]
+
+
+def test_a_diverged_run_gets_a_log_loss_axis(tmp_path, figure):
+    """The losses span 0.5 .. 3e6 (6e6 > 100x): auto picks log; the run of RECORDS
+    (1.0 .. 2.0, 2x) stays linear; --loss-scale forces either."""
+    bad = make_run(tmp_path / "bad", DIVERGED)
+    good = make_run(tmp_path / "good")
+    fig = figure([good, bad])
+    assert [ax.get_yscale() for ax in fig.axes[2:]] == ["log", "log"]
+    assert fig.axes[2].get_ylabel() == "loss (log scale)"
+    assert [ax.get_yscale() for ax in figure([good]).axes[2:]] == ["linear", "linear"]
+    linear = plot_figure([good, bad], ("round",), loss_scale="linear")
+    log = plot_figure([good], ("round",), loss_scale="log")
+    try:
+        assert linear.axes[1].get_yscale() == "linear" and log.axes[1].get_yscale() == "log"
+    finally:
+        plt.close(linear)
+        plt.close(log)
+
+
+def test_loss_axis_scale_rule_and_its_errors():
+    from roost.track.plot import loss_axis_scale
+
+    assert loss_axis_scale([1.0, 100.0]) == "linear"  # exactly 100x: not more
+    assert loss_axis_scale([1.0, 100.5]) == "log"
+    assert loss_axis_scale([0.0, 1e9]) == "linear"  # a zero loss cannot go on a log axis
+    assert loss_axis_scale([0.5, float("nan"), float("inf"), 2.0]) == "linear"
+    assert loss_axis_scale([]) == "linear"
+    with pytest.raises(ValueError, match="loss scale 'sqrt': allowed: auto, linear, log"):
+        loss_axis_scale([1.0], "sqrt")
+
+
+def test_cli_plot_loss_scale(tmp_path, capsys):
+    run = make_run(tmp_path / "r", DIVERGED)
+    assert main(["plot", str(run), "--loss-scale", "linear", "--out", str(tmp_path / "a.png")]) == 0
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit) as e:
+        main(["plot", str(run), "--loss-scale", "sqrt"])
+    assert e.value.code == 2
+    assert "invalid choice: 'sqrt'" in capsys.readouterr().err
