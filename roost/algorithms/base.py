@@ -163,7 +163,9 @@ class Contribution:
         for name, t in result.tensors.items():
             acc = self.sums.get(name)
             if acc is None:
-                self.sums[name] = t.detach().to(torch.float64).mul_(w)
+                acc = self.sums[name] = t.detach().to(torch.float64)
+                if w != 1.0:
+                    acc.mul_(w)
             else:
                 # copy to a float64 buffer, then one same-dtype add (a mixed-dtype add_
                 # is ~6x slower on CPU)
