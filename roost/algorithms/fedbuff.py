@@ -17,9 +17,10 @@ paper's "server optimizer" option): ``m ← β m + Δ̄ / K``, ``x ← x + η_g 
 The paper writes ``Δ = x - y`` and ``x ← x - η_g Δ̄ / K``: the same step. At most
 ``concurrency`` clients train at once (default: the run's ``clients_per_round``).
 
-Not modelled: FLSim's normalisation of the staleness weight by its value at the average
-staleness (ALGORITHMS.md §4.9); FLGo's and Plato's variants use no staleness weight
-(``staleness=constant``).
+FLSim's variant divides the weight by its value at an expected staleness ``τ̄``
+(``avg_staleness`` there; ALGORITHMS.md §4.9), so that a result of staleness ``τ̄`` weighs
+1: ``staleness_normalize_at = τ̄`` gives ``s(τ) / s(τ̄)`` (None, the default: the paper's
+``s(τ)``). FLGo's and Plato's variants use no staleness weight (``staleness=constant``).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class FedBuffConfig(ClientOptimConfig):
     concurrency: clients training at once (None: the run's clients_per_round).
     server_lr: η_g. server_momentum: β of server SGD with momentum (0: plain steps).
     staleness: constant, polynomial or hinge weight s(τ); staleness_a, staleness_b its
-    parameters (polynomial with a = 0.5 is the paper's 1/sqrt(1 + τ))."""
+    parameters (polynomial with a = 0.5 is the paper's 1/sqrt(1 + τ)).
+    staleness_normalize_at: τ̄ of FLSim's s(τ) / s(τ̄) (None: no normalisation)."""
 
     buffer_size: int = 10
     concurrency: int | None = None
@@ -69,10 +71,18 @@ class FedBuffConfig(ClientOptimConfig):
     staleness: StalenessKind = "polynomial"
     staleness_a: float = 0.5
     staleness_b: float = 4.0
+    staleness_normalize_at: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.buffer_size >= 1, "buffer_size", self.buffer_size, "must be >= 1")
+        check(
+            self.staleness_normalize_at is None
+            or (self.staleness_normalize_at >= 0 and math.isfinite(self.staleness_normalize_at)),
+            "staleness_normalize_at",
+            self.staleness_normalize_at,
+            "must be a staleness >= 0 (FLSim's avg_staleness) or none",
+        )
         check_concurrency(self.concurrency)
         check(
             self.server_lr > 0 and math.isfinite(self.server_lr),
@@ -124,6 +134,10 @@ class FedBuffStrategy(AsyncStrategy):
     def accept(self, arrival: Arrival, contribution: Contribution) -> bool:
         c = self.cfg
         weight = staleness_weight(c.staleness, arrival.staleness, c.staleness_a, c.staleness_b)
+        if c.staleness_normalize_at is not None:
+            weight /= staleness_weight(
+                c.staleness, c.staleness_normalize_at, c.staleness_a, c.staleness_b
+            )
         delta = contribution.sums["delta"]  # float64: Σ w Δ over this one result
         if self.buffer is None:
             self.buffer = torch.zeros_like(delta)

@@ -36,8 +36,9 @@ def check_staleness(kind: str, a: float, b: float) -> None:
     check(b >= 0, "staleness_b", b, "must be >= 0")
 
 
-def staleness_weight(kind: StalenessKind, tau: int, a: float, b: float) -> float:
-    """``s(τ)`` of the module docstring (``τ >= 0``)."""
+def staleness_weight(kind: StalenessKind, tau: float, a: float, b: float) -> float:
+    """``s(τ)`` of the module docstring (``τ >= 0``; a real ``τ`` is allowed, e.g. an
+    expected staleness to normalise by)."""
     if tau < 0:
         raise ValueError(f"staleness must be >= 0, got {tau}")
     if kind == "constant":

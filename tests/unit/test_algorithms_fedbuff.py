@@ -32,6 +32,23 @@ def test_buffered_step_with_staleness_weights():
     assert s.version == 4 and s.arrivals_until_step() == 2
 
 
+def test_flsim_normalised_staleness_weight_by_hand():
+    """staleness_normalize_at = τ̄ = 3 with s(τ) = (1 + τ)^-0.5: s(3) = 1/2, so the weights
+    are s(τ) / (1/2): τ 0 -> 2, τ 8 -> (1/3) / (1/2) = 2/3. K = 2, deltas 1 (τ 0) and 3
+    (τ 8): x = (2·1 + (2/3)·3) / 2 = 2."""
+    s = FedBuffStrategy(FedBuffConfig(buffer_size=2, staleness_normalize_at=3.0))
+    s.initialize(torch.zeros(3))
+    s.version = 8
+    _delivery(s, 1.0, 8)
+    assert _delivery(s, 3.0, 0) is True
+    s.server_step(1)
+    torch.testing.assert_close(s.params, torch.full((3,), 2.0), rtol=0, atol=1e-7)
+    from roost.registry import ConfigError
+
+    with pytest.raises(ConfigError, match="staleness_normalize_at"):
+        FedBuffConfig(staleness_normalize_at=-1.0)
+
+
 def test_server_momentum_by_hand():
     """K = 1, β = 0.5, η_g = 1, no staleness: deltas 1, 1, 2 give m = 1, 1.5, 2.75 and
     x = 1, 2.5, 5.25; the momentum survives a state_dict round trip."""
