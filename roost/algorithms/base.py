@@ -384,9 +384,10 @@ class Algorithm:
         no state yet are evaluated at the initial global model ``w^0`` instead."""
         raise NotImplementedError(f"{type(self).__name__} keeps no personal model")
 
-    def request_points(self) -> tuple[float, ...]:
+    def request_points(self, settings: Mapping[str, Any] | None = None) -> tuple[float, ...]:
         """When a task's procedure yields its requests, as increasing fractions in (0, 1)
-        of its compute (empty: a plain update that never asks the server anything)."""
+        of its compute (empty: a plain update that never asks the server anything), for
+        a task with the strategy's ``settings`` (e.g. a per-device request time)."""
         return ()
 
     def task_config(self, ctx: ClientContext) -> Any:

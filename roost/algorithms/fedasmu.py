@@ -33,22 +33,40 @@ reports ``r = L(w^o) - L(w_i)`` on the same minibatch, and the server updates
 schedule ``α(t, d)`` above.
 
 Defaults: the re-implementations' λ0 = 1, σ0 = 0.5, ι0 = 0, γ0 = 1, υ0 = 0.5, μ_β = 1,
-meta learning rate 0.01, request at half of the local steps (fixed fraction; the paper
-learns the request time per device, not built here), and **μ_α = 10** [inferred, Roost's
+meta learning rate 0.01, request at half of the local steps (``request_policy=fixed``),
+and **μ_α = 10** [inferred, Roost's
 choice]: with the re-implementations' μ_α = 1 the weight decays with ``sqrt(t)`` to 0.01-0.03
 after a few hundred steps and the global model stops moving (FEMNIST's CNN under FLASH
 traces: 0.28 accuracy against 0.70 with μ_α = 10, docs/experiments.md; quickstart after 300
 steps: 0.861 against 0.894). Optional staleness cap: a result with ``d > max_staleness + 1``
 is dropped.
+
+Learned request time (``request_policy=qlearning``; the paper learns it per device, the
+DirBridge re-implementation with ε-greedy Q-learning over request slots; ALGORITHMS.md
+§2.2) [inferred details]: device i's request point is slot ``s_i`` of ``q_slots`` evenly
+spaced fractions ``(k + 1/2) / q_slots``, starting at the middle one. At each dispatch an
+action ``a ∈ {-1, 0, +1}`` moves the slot (clipped to the grid): the greedy one for
+``Q_i(s_i, ·)`` (ties: stay, then earlier, then later), a uniformly random one with
+probability ``q_epsilon``, from the dispatch's own random stream. When the result
+arrives, its reward ``r`` is the merge's probe-loss drop ``r_β`` (0 when nothing was
+merged) and::
+
+    Q_i(s, a) ← Q_i(s, a) + q_lr (r + q_discount · max_a' Q_i(s', a') − Q_i(s, a)),   s ← s'
+
+A lost task leaves ``Q_i`` and ``s_i`` as they were. The tables are server state here (the
+simulation's stand-in for the device's own: the same numbers, since the device reports
+``r``); the slot becomes the task's ``request_fraction`` setting, so the engine charges the
+fetch at that point of the task's compute.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Generator, Mapping
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -96,6 +114,11 @@ class FedASMUConfig(ClientOptimConfig):
     mu_beta: float = 1.0
     control_lr: float = 0.01
     concurrency: int | None = None
+    request_policy: Literal["fixed", "qlearning"] = "fixed"
+    q_slots: int = 10
+    q_epsilon: float = 0.1
+    q_lr: float = 0.1
+    q_discount: float = 0.9
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -123,6 +146,16 @@ class FedASMUConfig(ClientOptimConfig):
             self.request_fraction,
             "must be in (0, 1)",
         )
+        check(
+            self.request_policy in ("fixed", "qlearning"),
+            "request_policy",
+            self.request_policy,
+            "must be fixed or qlearning",
+        )
+        check(self.q_slots >= 1, "q_slots", self.q_slots, "must be >= 1")
+        for name in ("q_epsilon", "q_lr", "q_discount"):
+            v = getattr(self, name)
+            check(0 <= v <= 1, name, v, "must be in [0, 1]")
         check_concurrency(self.concurrency)
 
 
@@ -217,6 +250,66 @@ class FedASMUStrategy(AsyncStrategy):
         self.controls = state["controls"].clone()
 
 
+ACTIONS = (0, -1, 1)  # stay, earlier, later: the tie-break order of the greedy choice
+
+
+class FedASMUQStrategy(FedASMUStrategy):
+    """:class:`FedASMUStrategy` with each device's request slot learned by ε-greedy
+    Q-learning (the module docstring's ``request_policy=qlearning``)."""
+
+    def initialize(self, params: torch.Tensor, num_clients: int = 0) -> None:
+        super().initialize(params, num_clients)
+        c = self.cfg
+        self.q = torch.zeros(num_clients, c.q_slots, len(ACTIONS), dtype=torch.float64)
+        self.slot = torch.full((num_clients,), c.q_slots // 2, dtype=torch.int64)
+        self.chosen: dict[int, tuple[int, int, int]] = {}  # client -> (slot, action, next)
+
+    def fraction(self, slot: int) -> float:
+        return (slot + 0.5) / self.cfg.q_slots
+
+    def configure_tasks(
+        self, round: int, clients: Sequence[int], rng: np.random.Generator
+    ) -> dict[int, dict[str, Any]]:
+        c = self.cfg
+        out: dict[int, dict[str, Any]] = {}
+        for cid in clients:
+            s = int(self.slot[cid])
+            if rng.random() < c.q_epsilon:
+                a = int(rng.integers(len(ACTIONS)))
+            else:
+                a = int(torch.argmax(self.q[cid, s]))  # the first maximum: ACTIONS' order
+            nxt = min(max(s + ACTIONS[a], 0), c.q_slots - 1)
+            self.chosen[cid] = (s, a, nxt)
+            out[cid] = {"request_fraction": self.fraction(nxt)}
+        return out
+
+    def accept(self, arrival: Arrival, contribution: Contribution) -> bool:
+        chosen = self.chosen.pop(arrival.client_id, None)
+        if chosen is not None:
+            c = self.cfg
+            s, a, nxt = chosen
+            r = contribution.scalar_mean("merge_reward")
+            q = self.q[arrival.client_id]
+            q[s, a] += c.q_lr * (r + c.q_discount * float(q[nxt].max()) - float(q[s, a]))
+            self.slot[arrival.client_id] = nxt
+        return super().accept(arrival, contribution)
+
+    def state_dict(self) -> dict[str, Any]:
+        chosen = sorted(self.chosen.items())
+        return {
+            **super().state_dict(),
+            "q": self.q.clone(),
+            "slot": self.slot.clone(),
+            "chosen": torch.tensor([[k, *v] for k, v in chosen], dtype=torch.int64).reshape(-1, 4),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.q = state["q"].clone()
+        self.slot = state["slot"].clone()
+        self.chosen = {int(k): (int(s), int(a), int(n)) for k, s, a, n in state["chosen"].tolist()}
+
+
 @register_algorithm("fedasmu")
 class FedASMU(Algorithm):
     """FedASMU (Liu et al. 2024): staleness-aware server mixing, device-side merge."""
@@ -225,10 +318,15 @@ class FedASMU(Algorithm):
     config: FedASMUConfig
 
     def make_strategy(self) -> Strategy:
-        return FedASMUStrategy(self.config)
+        c = self.config
+        if c.device_merge and c.request_policy == "qlearning":
+            return FedASMUQStrategy(c)
+        return FedASMUStrategy(c)
 
-    def request_points(self) -> tuple[float, ...]:
-        return (self.config.request_fraction,) if self.config.device_merge else ()
+    def request_points(self, settings: Mapping[str, Any] | None = None) -> tuple[float, ...]:
+        if not self.config.device_merge:
+            return ()
+        return (float((settings or {}).get("request_fraction", self.config.request_fraction)),)
 
     def client_state_spec(self, num_params: int) -> dict[str, int]:
         return {"merge_controls": 2} if self.config.device_merge else {}
@@ -278,11 +376,15 @@ class FedASMU(Algorithm):
             stepper.step(xb, yb)
         fresh: Payload = yield FetchModel()
         beta = device_merge_weight(fresh.version, payload.version, gamma, upsilon, cfg.mu_beta)
+        learns = cfg.request_policy == "qlearning"
+        merge_reward = 0.0
         if beta > 0:
-            pre = _probe_loss(model, *probe) if cfg.control_lr else 0.0
+            pre = _probe_loss(model, *probe) if cfg.control_lr or learns else 0.0
             model.params.mul_(1.0 - beta).add_(fresh.params, alpha=beta)
+            if cfg.control_lr or learns:
+                merge_reward = pre - _probe_loss(model, *probe)
             if cfg.control_lr:
-                r = pre - _probe_loss(model, *probe)
+                r = merge_reward
                 gamma, upsilon = (
                     max(0.0, gamma + cfg.control_lr * r),
                     max(0.0, upsilon - cfg.control_lr * r),
@@ -293,8 +395,10 @@ class FedASMU(Algorithm):
         extra = {
             "merge_beta": beta,
             "fetched_versions_ahead": float(fresh.version - payload.version),
+            "request_fraction": float(cfg.request_fraction),
         }
-        return self._output(model, stepper, before, probe, new_state, extra)
+        scalars = {"merge_reward": merge_reward} if learns else {}
+        return self._output(model, stepper, before, probe, new_state, extra, scalars)
 
     def _output(
         self,
@@ -304,11 +408,12 @@ class FedASMU(Algorithm):
         probe: tuple[torch.Tensor, torch.Tensor],
         state: Tensors | None,
         extra: dict[str, float],
+        scalars: Mapping[str, float] | None = None,
     ) -> UpdateOutput:
         res = stepper.result()
         reward = before - _probe_loss(model, *probe) if self.config.control_lr else 0.0
         return UpdateOutput(
-            ClientResult({"params": model.params}, 1.0, {"reward": reward}),
+            ClientResult({"params": model.params}, 1.0, {"reward": reward, **(scalars or {})}),
             state,
             {"train_loss": res.mean_loss, "local_steps": float(res.steps), **extra},
         )

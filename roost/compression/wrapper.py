@@ -118,8 +118,8 @@ class Compressed(Algorithm):
     def work_examples(self, num_examples: int, settings: Mapping[str, Any] | None = None) -> int:
         return self.inner.work_examples(num_examples, settings)
 
-    def request_points(self) -> tuple[float, ...]:
-        return self.inner.request_points()
+    def request_points(self, settings: Mapping[str, Any] | None = None) -> tuple[float, ...]:
+        return self.inner.request_points(settings)
 
     # ------------------------------------------------------------------ compression
 

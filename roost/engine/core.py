@@ -229,7 +229,7 @@ class Engine:
         up = self.algorithm.upload_nbytes(self.num_params, payload.version)
         timing = self.system.timing(client_id, t, work, down, up)
         requests: tuple[float, ...] = ()
-        points = self.algorithm.request_points()
+        points = self.algorithm.request_points(settings)
         if points:
             timing, requests = self._with_requests(client_id, timing, points, down, up)
         seed = task_seed(self.run_config.seed, client_id, dispatch)

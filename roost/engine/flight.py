@@ -41,23 +41,21 @@ class Flight:
     up_bytes: int
     requests_s: tuple[float, ...] = ()
     answers: list[int] = field(default_factory=list)
+    # derived, plain attributes (read several times per event): the task's client, whether
+    # its device goes offline first, and when it leaves the table (arrival or offline)
+    client_id: int = field(init=False)
+    lost: bool = field(init=False)
+    end_s: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.client_id = self.task.client_id
+        offline = self.timing.offline_s
+        self.lost = offline is not None
+        self.end_s = offline if offline is not None else self.timing.arrival_s
 
     def versions(self) -> set[int]:
         """The model versions this task needs: where it started, and its answers."""
         return {self.task.version, *self.answers}
-
-    @property
-    def client_id(self) -> int:
-        return self.task.client_id
-
-    @property
-    def lost(self) -> bool:
-        return self.timing.offline_s is not None
-
-    @property
-    def end_s(self) -> float:
-        """When the task leaves the table: its arrival, or when its device goes offline."""
-        return self.timing.offline_s if self.timing.offline_s is not None else self.timing.arrival_s
 
 
 @dataclass

@@ -75,7 +75,7 @@ if "test_fetch" not in ALGORITHMS.names():
         def make_strategy(self):
             return FetchStrategy()
 
-        def request_points(self):
+        def request_points(self, settings=None):
             return (self.config.request_fraction,)
 
         def update(self, ctx, model, data, payload, state):

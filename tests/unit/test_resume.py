@@ -14,7 +14,15 @@ from roost.runner import resume, run
 
 # Small enough to be quick, stateful enough to matter: FedAdam keeps server moments that a
 # resume must restore, and Dirichlet clients on heterogeneous devices give distinct rounds.
-OVERRIDES = ["rounds=4", "clients=20", "clients_per_round=5", "algorithm=fedadam"]
+# A checkpoint after every step (checkpoint_every_s=0), so that a crash after step k leaves
+# step k's checkpoint, with what was in flight then.
+OVERRIDES = [
+    "rounds=4",
+    "clients=20",
+    "clients_per_round=5",
+    "algorithm=fedadam",
+    "checkpoint_every_s=0",
+]
 
 
 def _final_params(out: Path) -> torch.Tensor:
@@ -189,7 +197,13 @@ def test_a_runs_thread_count_does_not_leak_into_the_caller():
         torch.set_num_threads(before)
 
 
-ASYNC = ["rounds=6", "clients=20", "clients_per_round=5", "algorithm=fedbuff"]
+ASYNC = [
+    "rounds=6",
+    "clients=20",
+    "clients_per_round=5",
+    "algorithm=fedbuff",
+    "checkpoint_every_s=0",
+]
 
 
 @pytest.mark.parametrize("runtime", ["local", "workers"])
@@ -223,19 +237,26 @@ def test_an_asynchronous_run_resumes_to_the_uninterrupted_result(tmp_path, runti
         assert [r[key] for r in cut] == [r[key] for r in full], key
 
 
-@pytest.mark.parametrize("runtime", ["local", "workers"])
-def test_fedasmu_resumes_with_suspended_procedures_controls_and_client_state(tmp_path, runtime):
+@pytest.mark.parametrize(
+    ("runtime", "policy"), [("local", "fixed"), ("workers", "fixed"), ("local", "qlearning")]
+)
+def test_fedasmu_resumes_with_suspended_procedures_controls_and_client_state(
+    tmp_path, runtime, policy
+):
     """FedASMU keeps per-device controls on the server, merge controls as client state,
     and tasks that were suspended at their fetch when the run was killed (their answers,
     the model versions they fetched, are in the checkpoint). The resumed run replays
     each such procedure to its request, hands it the recorded answer, and ends bit for bit
-    where the uninterrupted run does."""
+    where the uninterrupted run does; with request_policy=qlearning also the Q tables,
+    the request slots and the actions of the tasks in flight."""
     overrides = [
         "rounds=8",
         "clients=20",
         "clients_per_round=5",
         "algorithm=fedasmu",
+        f"algorithm.request_policy={policy}",
         f"runtime={runtime}",
+        "checkpoint_every_s=0",
     ]
     cfg = resolve(apply_overrides(load_config_source("quickstart"), overrides))
     run(cfg, tmp_path / "full")
@@ -255,6 +276,9 @@ def test_fedasmu_resumes_with_suspended_procedures_controls_and_client_state(tmp
     cut = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["strategy"]
     assert torch.equal(cut["params"], full["params"])
     assert torch.equal(cut["controls"], full["controls"])
+    if policy == "qlearning":
+        assert torch.equal(cut["q"], full["q"]) and torch.equal(cut["slot"], full["slot"])
+        assert bool(full["q"].abs().sum() > 0)  # rewards were learned from
     full_r, cut_r = _records(tmp_path / "full"), _records(tmp_path / "cut")
     for key in ("virtual_time_s", "train_loss", "client_merge_beta", "mixing_weight"):
         assert [r[key] for r in cut_r] == [r[key] for r in full_r], key
