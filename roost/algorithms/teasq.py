@@ -51,10 +51,12 @@ q_0 = 8, γ_s = 0.99, error feedback on. This module's own choices: the schedule
 direction (the summaries say the compression parameters decay; whether compression gets
 stronger or weaker is unknown; the default is ``constant``: ``tighten``, the formula
 ALGORITHMS.md writes, learned and then diverged on FEMNIST's CNN, docs/experiments.md),
-s_min = 0.01, T_q = 50, q_min = 2 (the library's guesses), the ``n_j`` factor of
-ω, η_g = 1 and no timer. Not modelled: the paper's latency models and time-budget
-objective (the engine's system model provides the virtual time), compression of the
-download.
+s_min = 0.01, T_q = 50, q_min = 2 (the library's guesses), QSGD's buckets of 512 kept
+values per norm (``bucket_size``, from QSGD's experiments: the sources do not say how
+TEASQ-Fed scales its codes; a bucket of one model's size gives a single norm), the
+``n_j`` factor of ω, η_g = 1 and no timer. Not modelled: the paper's latency models and
+time-budget objective (the engine's system model provides the virtual time), compression
+of the download.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ from roost.algorithms.base import (
 from roost.algorithms.fedbuff import delta_update
 from roost.algorithms.staleness import StalenessKind, check_staleness, staleness_weight
 from roost.compression.config import CompressionConfig, Method
-from roost.compression.quantize import Rounding
+from roost.compression.quantize import DEFAULT_BUCKET_SIZE, Rounding
 from roost.compression.schedule import Direction
 from roost.data.base import ClientData
 from roost.params import FlatModel
@@ -109,7 +111,8 @@ class TEASQConfig(ClientOptimConfig):
     Device: mu, the proximal coefficient μ >= 0 (0: plain local SGD).
     Compression (the fields of :class:`~roost.compression.CompressionConfig`, same names):
     compression, the method (none, topk, randk, qsgd, topk_qsgd); ratio s_0; bits q_0;
-    rounding; rescale (randk only); error_feedback (ignored with compression=none);
+    rounding; bucket_size, the kept values per QSGD norm (512, QSGD's); rescale (randk
+    only); error_feedback (ignored with compression=none);
     schedule (constant, tighten, relax); ratio_gamma γ_s; ratio_limit s_min / s_max;
     bits_period T_q; bits_limit q_min / q_max.
     Server: cache_size M; cache_timeout_s (None: no timer; else also step at the first
@@ -125,6 +128,7 @@ class TEASQConfig(ClientOptimConfig):
     ratio: float = 0.1
     bits: int = 8
     rounding: Rounding = "stochastic"
+    bucket_size: int = DEFAULT_BUCKET_SIZE
     rescale: bool = False
     error_feedback: bool = True
     schedule: Direction = "constant"
@@ -176,6 +180,7 @@ class TEASQConfig(ClientOptimConfig):
                 ratio=self.ratio,
                 bits=self.bits,
                 rounding=self.rounding,
+                bucket_size=self.bucket_size,
                 rescale=self.rescale,
                 error_feedback=self.error_feedback and self.compression != "none",
                 schedule=self.schedule,

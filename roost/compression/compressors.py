@@ -5,9 +5,11 @@ One :class:`Compressor` covers every method as the composition ``C = Q_q ∘ S_k
 * ``S_k`` keeps ``k = ⌈ratio · n⌉`` coordinates — all of them (``sparsifier="none"``), the
   ``k`` largest magnitudes (``"topk"``) or ``k`` uniformly random ones (``"randk"``,
   optionally rescaled by ``n/k`` to be unbiased), see :mod:`roost.compression.sparsify`;
-* ``Q_q`` quantises the ``k`` kept values to ``q``-bit QSGD levels of *their* norm
-  ``||S_k(x)||``, stochastically (unbiased) or to the nearest level, or sends them as
-  float32 when ``q = 32``, see :mod:`roost.compression.quantize`.
+* ``Q_q`` quantises the ``k`` kept values to ``q``-bit QSGD levels, stochastically
+  (unbiased) or to the nearest level, in buckets of ``d`` consecutive kept values (in
+  the order they are sent: increasing index) each scaled by its own norm ``||x_b||``
+  (QSGD's bucketing, ``d = 512`` by default; ``d >= k`` is one norm ``||S_k(x)||``), or
+  sends them as float32 when ``q = 32``, see :mod:`roost.compression.quantize`.
 
 ``topk_qsgd`` is TEASQ-Fed's ``Q_q(TopK_s(Δ))`` (Jia et al., CCPE 2024, arXiv 2312.15186).
 Its reconstruction error splits into the dropped mass and the quantisation error of the
@@ -33,7 +35,13 @@ from typing import Literal
 import numpy as np
 import torch
 
-from roost.compression.quantize import Rounding, dequantize, quantize
+from roost.compression.quantize import (
+    DEFAULT_BUCKET_SIZE,
+    MAX_BUCKET_SIZE,
+    Rounding,
+    dequantize,
+    quantize,
+)
 from roost.compression.sparsify import num_kept, rand_k_indices, top_k_indices
 from roost.compression.wire import RAW_BITS, Header, message_nbytes, pack_message, unpack_message
 
@@ -54,6 +62,7 @@ class Compressor:
         bits: ``q`` in 1..16 (QSGD with ``s = 2^q − 1`` levels), or 32 for float32 values.
         rounding: ``"stochastic"`` (unbiased) or ``"nearest"`` (deterministic, biased).
         rescale: random-k only: multiply the kept values by ``n/k`` (unbiased random-k).
+        bucket_size: ``d >= 1``, the kept values per QSGD norm (ignored for ``bits = 32``).
     """
 
     sparsifier: Sparsifier = "none"
@@ -61,6 +70,7 @@ class Compressor:
     bits: int = RAW_BITS
     rounding: Rounding = "stochastic"
     rescale: bool = False
+    bucket_size: int = DEFAULT_BUCKET_SIZE
 
     def __post_init__(self) -> None:
         if self.sparsifier not in _SPARSIFIER_CODE:
@@ -77,6 +87,12 @@ class Compressor:
             raise ValueError(f"rounding must be stochastic or nearest, got {self.rounding!r}")
         if self.rescale and self.sparsifier != "randk":
             raise ValueError("rescale (n/k) only applies to the randk sparsifier")
+        if isinstance(self.bucket_size, bool) or not (
+            isinstance(self.bucket_size, int) and 1 <= self.bucket_size <= MAX_BUCKET_SIZE
+        ):
+            raise ValueError(
+                f"bucket_size must be an integer in 1..{MAX_BUCKET_SIZE}, got {self.bucket_size!r}"
+            )
 
     @property
     def quantizes(self) -> bool:
@@ -93,9 +109,15 @@ class Compressor:
 
     def nbytes(self, n: int) -> int:
         """The exact length of :meth:`encode`'s message for a vector of ``n`` elements:
-        32 header bytes + indices (none when ``k = n``; else ``min(k · itemsize(n),
-        ⌈n/8⌉)``) + values (``4k``, or ``⌈k (q + 1) / 8⌉`` when quantised)."""
-        return message_nbytes(n, self.kept(n), self.bits)
+        32 header bytes (bucket 0's norm included) + indices (none when ``k = n``; else
+        ``min(k · itemsize(n), ⌈n/8⌉)``) + values (``4k``, or when quantised ``⌈k (q + 1)
+        / 8⌉`` and the ``⌈k/d⌉ − 1`` further float32 norms, ``4 (⌈k/d⌉ − 1)``)."""
+        return message_nbytes(n, self.kept(n), self.bits, self._wire_bucket)
+
+    @property
+    def _wire_bucket(self) -> int:
+        """The bucket size the header carries (0 for raw float32 values)."""
+        return self.bucket_size if self.quantizes else 0
 
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> bytes:
         """The wire message for flat vector ``x`` (any device; read, never modified).
@@ -121,9 +143,9 @@ class Compressor:
             values = flat[indices]
             if self.rescale:
                 values = (values.astype(np.float64) * (n / k)).astype(np.float32)
-        norm = 0.0
+        norms = None
         if self.quantizes:
-            values, norm = quantize(values, self.bits, self.rounding, generator)
+            values, norms = quantize(values, self.bits, self.rounding, generator, self.bucket_size)
         header = Header(
             _SPARSIFIER_CODE[self.sparsifier],
             0,  # the index encoding is derived from (n, k) by pack_message
@@ -131,22 +153,24 @@ class Compressor:
             _ROUNDING_CODE[self.rounding] if self.quantizes else 255,
             n,
             k,
-            norm,
+            self._wire_bucket,
         )
-        return pack_message(header, indices, values)
+        return pack_message(header, indices, norms, values)
 
     def decode(self, message: bytes) -> torch.Tensor:
         """The float32 vector a message reconstructs (zeros where nothing was sent).
 
         Raises ValueError naming the problem if the message is truncated, over-long or
         corrupt (:func:`~roost.compression.wire.unpack_message`), or was not produced by a
-        compressor with these settings (sparsifier, bits, rounding, ``k`` for its ``n``).
+        compressor with these settings (sparsifier, bits, rounding, bucket size, ``k`` for
+        its ``n``).
         """
-        h, indices, values = unpack_message(message)
+        h, indices, norms, values = unpack_message(message)
         expected = {
             "sparsifier": (h.sparsifier, _SPARSIFIER_CODE[self.sparsifier]),
             "bits": (h.bits, self.bits),
             "rounding": (h.rounding, _ROUNDING_CODE[self.rounding] if self.quantizes else 255),
+            "bucket_size": (h.bucket_size, self._wire_bucket),
             "k": (h.k, self.kept(h.n)),
         }
         for name, (got, want) in expected.items():
@@ -155,7 +179,7 @@ class Compressor:
                     f"message {name} is {got}, but {self.describe()} sends {want} (n = {h.n})"
                 )
         if self.quantizes:
-            values = dequantize(values, h.norm, h.bits)
+            values = dequantize(values, norms, h.bits, h.bucket_size)
         if indices is None:
             out = values
         else:
@@ -174,7 +198,7 @@ class Compressor:
                 f"{self.sparsifier}(ratio={self.ratio}{', rescaled' if self.rescale else ''})"
             )
         if self.quantizes:
-            parts.append(f"qsgd(bits={self.bits}, {self.rounding})")
+            parts.append(f"qsgd(bits={self.bits}, {self.rounding}, bucket={self.bucket_size})")
         return " then ".join(parts) or "float32 (no compression)"
 
 
@@ -188,11 +212,20 @@ def randk(ratio: float, rescale: bool = False) -> Compressor:
     return Compressor("randk", ratio, rescale=rescale)
 
 
-def qsgd(bits: int, rounding: Rounding = "stochastic") -> Compressor:
-    """QSGD quantisation of the whole vector (``bits=32``: float32, no quantisation)."""
-    return Compressor("none", 1.0, bits, rounding)
+def qsgd(
+    bits: int, rounding: Rounding = "stochastic", bucket_size: int = DEFAULT_BUCKET_SIZE
+) -> Compressor:
+    """QSGD quantisation of the whole vector in buckets of ``bucket_size`` values
+    (``bits=32``: float32, no quantisation)."""
+    return Compressor("none", 1.0, bits, rounding, bucket_size=bucket_size)
 
 
-def topk_qsgd(ratio: float, bits: int, rounding: Rounding = "stochastic") -> Compressor:
-    """TEASQ-Fed's ``Q_q(TopK_s(x))``: top-k, then QSGD on the kept values' norm."""
-    return Compressor("topk", ratio, bits, rounding)
+def topk_qsgd(
+    ratio: float,
+    bits: int,
+    rounding: Rounding = "stochastic",
+    bucket_size: int = DEFAULT_BUCKET_SIZE,
+) -> Compressor:
+    """TEASQ-Fed's ``Q_q(TopK_s(x))``: top-k, then QSGD on the kept values, one norm per
+    ``bucket_size`` of them (in increasing index order)."""
+    return Compressor("topk", ratio, bits, rounding, bucket_size=bucket_size)

@@ -8,6 +8,7 @@ Meant to become ``algorithm.compression.*`` (``algorithm.compression=topk_qsgd``
     ratio        s_0, kept fraction in (0, 1]              (topk, randk, topk_qsgd)
     bits         q_0 in 1..16, or 32 = float32 values      (qsgd, topk_qsgd)
     rounding     stochastic (unbiased) | nearest            (qsgd, topk_qsgd)
+    bucket_size  d >= 1 values per QSGD norm (512)           (qsgd, topk_qsgd)
     rescale      random-k values × n/k (unbiased)           (randk)
     error_feedback  keep e_k ← Δ + e_k − C(Δ + e_k) per client
     schedule     constant | tighten | relax                 (direction of the decay)
@@ -16,8 +17,13 @@ Meant to become ``algorithm.compression.*`` (``algorithm.compression=topk_qsgd``
 
 Defaults are TEASQ-Fed's inferred ones (ALGORITHMS.md §2.8: s_0 = 0.1, q_0 = 8,
 γ_s = 0.99); ``ratio_limit = 0.01``, ``bits_period = 50`` and ``bits_limit = 2`` are this
-module's guesses (the source gives none). ``method="none"`` ignores every other field
-except that ``error_feedback`` must then be false.
+module's guesses (the source gives none). ``bucket_size = 512`` is QSGD's (Alistarh et al.
+2017, the bucket size of their experiments): each run of ``d`` consecutive quantised values
+has its own norm, so the variance is at most ``min(d/s², √d/s) ||x||²`` instead of
+``min(n/s², √n/s) ||x||²`` (:mod:`roost.compression.quantize`), for 4 bytes per further
+bucket; ``bucket_size`` >= the number of values sent is one norm for all of them.
+``method="none"`` ignores every other field except that ``error_feedback`` must then be
+false; the non-quantising methods ignore ``bucket_size``.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from roost.compression.compressors import Compressor, Sparsifier
-from roost.compression.quantize import Rounding
+from roost.compression.quantize import DEFAULT_BUCKET_SIZE, MAX_BUCKET_SIZE, Rounding
 from roost.compression.schedule import CompressionSchedule, Direction
 from roost.registry import check
 
@@ -53,6 +59,7 @@ class CompressionConfig:
     ratio: float = 0.1
     bits: int = 8
     rounding: Rounding = "stochastic"
+    bucket_size: int = DEFAULT_BUCKET_SIZE
     rescale: bool = False
     error_feedback: bool = False
     schedule: Direction = "constant"
@@ -80,6 +87,12 @@ class CompressionConfig:
             "rounding",
             self.rounding,
             "allowed: stochastic, nearest",
+        )
+        check(
+            _is_int(self.bucket_size) and 1 <= self.bucket_size <= MAX_BUCKET_SIZE,
+            "bucket_size",
+            self.bucket_size,
+            f"must be an integer >= 1 (values per QSGD norm; at most {MAX_BUCKET_SIZE})",
         )
         for name in ("rescale", "error_feedback"):
             value = getattr(self, name)
@@ -192,12 +205,14 @@ class CompressionConfig:
         ratio = schedule.ratio_at(version)
         bits = schedule.bits_at(version)
         if self.method == "qsgd":
-            return Compressor("none", 1.0, bits, self.rounding)
+            return Compressor("none", 1.0, bits, self.rounding, bucket_size=self.bucket_size)
         sparsifier: Sparsifier = "randk" if self.method == "randk" else "topk"
+        quantized = self.method == "topk_qsgd"
         return Compressor(
             sparsifier,
             ratio,
-            bits if self.method == "topk_qsgd" else 32,
+            bits if quantized else 32,
             self.rounding,
             self.rescale,
+            self.bucket_size if quantized else DEFAULT_BUCKET_SIZE,
         )

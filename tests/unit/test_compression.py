@@ -73,8 +73,11 @@ def test_nbytes_by_hand() -> None:
     assert topk(0.1).nbytes(1000) == 557
     # n = 100, k = 10: uint8 indices 10 bytes < bitmap 13 → 32 + 10 + 40 = 82.
     assert topk(0.1).nbytes(100) == 82
-    # QSGD 4 bits, dense: 5 bits a value (4 level bits + sign), ⌈5000/8⌉ = 625 → 657.
-    assert qsgd(4).nbytes(1000) == 657
+    # QSGD 4 bits, dense: 5 bits a value (4 level bits + sign), ⌈5000/8⌉ = 625 → 657 with
+    # one norm; the format-2 default buckets of 512 values give ⌈1000/512⌉ = 2 norms, the
+    # second 4 bytes after the header's (format 2 added buckets: was 657) → 661.
+    assert qsgd(4, bucket_size=1000).nbytes(1000) == 657
+    assert qsgd(4).nbytes(1000) == 661
     # top-10% then 8-bit QSGD: 32 + 125 (bitmap) + ⌈100·9/8⌉ = 113 → 270.
     assert topk_qsgd(0.1, 8).nbytes(1000) == 270
     # q = 32, ratio 1: header + 4n, no indices.
@@ -299,13 +302,18 @@ def test_corrupt_or_truncated_messages_raise_naming_the_problem() -> None:
     c.decode(good)
     cases = {
         "truncated message: 10 bytes, the header alone is 32": good[:10],
-        "truncated message: 269 bytes, but n = 1000, k = 100, bits = 8 imply 270": good[:-1],
+        # format 2 names the bucket size too (its norms are part of the length)
+        "truncated message: 269 bytes, but n = 1000, k = 100, bits = 8, bucket_size = 512 "
+        "imply 270": good[:-1],
         "over-long message: 271 bytes": good + b"\0",
         "CRC-32 mismatch": good[:100] + bytes([good[100] ^ 1]) + good[101:],
         "magic": b"XX" + good[2:],
         "format version 9": _patch(good, 2, b"\x09"),
         "bits 20": _patch(good, 5, b"\x14"),
-        "k = 2000 kept coordinates exceeds n = 1000": _patch(good, 16, struct.pack("<Q", 2000)),
+        # format 2: k is a uint48 at bytes 14..19 (was a uint64 at 16..23)
+        "k = 2000 kept coordinates exceeds n = 1000": _patch(
+            good, 14, (2000).to_bytes(6, "little")
+        ),
         "index encoding 1, but n = 1000, k = 100 imply 2": _patch(good, 4, b"\x01"),
         "negative quantisation norm": _patch(good, 24, struct.pack("<f", -1.0)),
         "bitmap has 101 set bits": _set_one_more_bit(good, 32),
