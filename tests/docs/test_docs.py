@@ -14,8 +14,9 @@ Each markdown file is executed top to bottom in a fresh temporary directory:
   documented to diverge is ``# exit 1``);
 * a ```` ```console slow ```` block holds commands that take minutes (the experiments of
   docs/experiments.md). The default test skips it; :func:`test_slow_examples_in_the_doc_run`
-  (marked ``slow``, run with ``pytest -m slow``) runs such a doc top to bottom with its slow
-  blocks included.
+  (marked ``slow``, run by .ci/run) runs such a doc top to bottom with its slow blocks
+  included; docs/experiments.md's (about 90 minutes) also carry ``experiment`` and run only
+  with ``pytest -m experiment``.
 """
 
 from __future__ import annotations
@@ -142,10 +143,15 @@ def test_every_example_in_the_doc_runs(doc, tmp_path, monkeypatch, isolated_regi
         assert_git_ignores_everything_in(tmp_path)
 
 
+def _slow_doc_param(doc: Path) -> object:
+    """docs/experiments.md's blocks take about 90 minutes: marked ``experiment`` as well,
+    so that .ci/run's slow pass leaves them to a run by hand (``pytest -m experiment``)."""
+    marks = [pytest.mark.experiment] if doc.name == "experiments.md" else []
+    return pytest.param(doc, marks=marks, id=doc.name)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "doc", [d for d in DOCS if has_slow_blocks(d)] or [None], ids=lambda p: p.name if p else "none"
-)
+@pytest.mark.parametrize("doc", [_slow_doc_param(d) for d in DOCS if has_slow_blocks(d)] or [None])
 def test_slow_examples_in_the_doc_run(doc, tmp_path, monkeypatch, isolated_registries):
     """The ```` ```console slow ```` blocks (minutes each), with the rest of their doc. A doc
     whose commands read files of the shared data folder skips where that folder is absent."""
