@@ -171,8 +171,10 @@ class LazyW1(W1Dataset):
         return super().client_data(client_id)
 
 
-def build_system(kind: str, clients: int) -> tuple[SystemModel, str]:
-    """The trace system on the staged files (or W3's devices); and what was used."""
+def build_system(kind: str, clients: int, time_scale: float = 1.0) -> tuple[SystemModel, str]:
+    """The trace system on the staged files (or W3's devices); and what was used.
+    ``time_scale``: trace seconds per virtual second (> 1 makes windows open and close, and
+    devices drop out, within the few virtual seconds a run covers)."""
     if kind in ("auto", "trace"):
         try:
             from roost.system.traces import TraceConfig, TraceSystem
@@ -180,13 +182,15 @@ def build_system(kind: str, clients: int) -> tuple[SystemModel, str]:
             cfg = TraceConfig(
                 availability="flash_loose",
                 availability_offset_s=TRACE_OFFSET_S,
+                availability_time_scale=time_scale,
                 compute="flash",
                 bandwidth="hsdpa",
                 reference_seconds_per_example=0.01,
             )
             return TraceSystem(cfg, seed=0), (
-                "trace (flash_loose availability from 27 h, flash compute, hsdpa bandwidth, "
-                "0.01 s/example)"
+                "trace (flash_loose availability from 27 h"
+                + (f", {time_scale:g} trace s per virtual s" if time_scale != 1 else "")
+                + ", flash compute, hsdpa bandwidth, 0.01 s/example)"
             )
         except Exception as e:  # the shared data folder or the trace system is missing
             if kind == "trace":
@@ -224,7 +228,12 @@ class Marks:
 
 
 def make_engine(
-    clients: int, steps: int, system_kind: str, runtime_kind: str, batch_hint: int
+    clients: int,
+    steps: int,
+    system_kind: str,
+    runtime_kind: str,
+    batch_hint: int,
+    time_scale: float = 1.0,
 ) -> tuple[Engine, LazyW1, str]:
     data = LazyW1(clients, empty=runtime_kind == "local")
     alg = ALGORITHMS.get("bench_noop").factory(ALGORITHMS.config("bench_noop", {}))
@@ -244,7 +253,7 @@ def make_engine(
     runtime.batch_hint = batch_hint
     store = InMemoryStateStore()
     runtime.start(Job(alg, data, build, store))
-    system, note = build_system(system_kind, clients)
+    system, note = build_system(system_kind, clients, time_scale)
     engine = Engine(
         run=RunConfig(
             rounds=steps, clients=clients, clients_per_round=CONCURRENCY, seed=0, eval_every=0
@@ -283,7 +292,12 @@ def heap_floor(events: int, concurrency: int, clients: int) -> float:
 def measure(args: argparse.Namespace, clients: int) -> dict[str, Any]:
     """One measurement in this process."""
     engine, data, note = make_engine(
-        clients, args.warmup + args.events, args.system, args.runtime, args.batch_hint
+        clients,
+        args.warmup + args.events,
+        args.system,
+        args.runtime,
+        args.batch_hint,
+        args.availability_time_scale,
     )
     marks = Marks(args.warmup, engine)
     engine.callbacks = [marks]
@@ -365,7 +379,12 @@ def micro(args: argparse.Namespace, clients: int) -> None:
 
 def profile(args: argparse.Namespace, clients: int, top: int) -> None:
     engine, _, note = make_engine(
-        clients, args.warmup + args.events, args.system, args.runtime, args.batch_hint
+        clients,
+        args.warmup + args.events,
+        args.system,
+        args.runtime,
+        args.batch_hint,
+        args.availability_time_scale,
     )
     marks = Marks(args.warmup, engine)
     engine.callbacks = [marks]
@@ -415,6 +434,8 @@ def child(args: argparse.Namespace, clients: int) -> dict[str, Any]:
         args.runtime,
         "--batch-hint",
         str(args.batch_hint),
+        "--availability-time-scale",
+        str(args.availability_time_scale),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -431,6 +452,13 @@ def main() -> None:
     p.add_argument("--system", choices=["auto", "trace", "w3"], default="auto")
     p.add_argument("--runtime", choices=["noop", "local"], default="noop")
     p.add_argument("--batch-hint", type=int, default=1, help="the runtime's batch_hint")
+    p.add_argument(
+        "--availability-time-scale",
+        type=float,
+        default=1.0,
+        help="trace seconds per virtual second (e.g. 600: windows open and close, devices "
+        "drop out during the run)",
+    )
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
     p.add_argument("--profile", type=int, metavar="N", help="profile one run with N clients")
     p.add_argument("--top", type=int, default=25)

@@ -41,8 +41,10 @@ Changes = tuple[np.ndarray, np.ndarray, np.ndarray]
 class IdlePool(Sequence[int]):
     """See the module docstring. ``changes(t0, t1)`` lists the availability changes in
     ``(t0, t1]`` (times ascending, client ids, online flags); ``chunk_s`` is the length of
-    the first chunk asked for (doubled while a chunk holds fewer than ``min_chunk``
-    changes, so that sparse traces are not fetched second by second)."""
+    the first chunk asked for, doubled after a chunk of fewer than ``min_chunk`` changes
+    (sparse traces are not fetched second by second) and halved after one of more than
+    ``16 min_chunk`` (a dense trace, or a fast time scale, is not listed days ahead of a
+    run that may end in seconds)."""
 
     def __init__(
         self,
@@ -50,7 +52,7 @@ class IdlePool(Sequence[int]):
         busy: np.ndarray,
         start_s: float,
         changes: Callable[[float, float], Changes],
-        chunk_s: float = 600.0,
+        chunk_s: float = 1.0,
         min_chunk: int = 4096,
     ) -> None:
         n = len(available)
@@ -188,6 +190,8 @@ class IdlePool(Sequence[int]):
         self._fetched_to = t0 + chunk
         if len(times) < self._min_chunk:
             self._chunk_s = chunk * 2.0
+        elif len(times) > 16 * self._min_chunk:
+            self._chunk_s = chunk / 2.0
         self._times = times.tolist()
         self._clients = clients.tolist()
         self._online = online.tolist()
