@@ -25,6 +25,7 @@ from roost.engine import Callback, Engine, History
 from roost.errors import Diverged
 from roost.registry import ConfigError
 from roost.runtime.base import RUNTIMES, Job
+from roost.runtime.launch import prestart, release
 from roost.runtime.threads import default_threads, macs_per_example
 from roost.state import ClientStateStore, make_state_store
 from roost.state.base import STATE_FILE_NAME
@@ -169,8 +170,11 @@ def _execute(
     if cfg.run.threads is not None:
         torch.set_num_threads(cfg.run.threads)
     try:
+        if cfg.name("runtime") == "workers":  # its processes start while the run is built
+            prestart("workers", cfg.config("runtime"), WorkerParts(cfg.to_dict()))
         return _execute_run(cfg, rundir, checkpoint, progress, callbacks)
     finally:
+        release()  # prestarted processes no runtime claimed (the run failed first)
         torch.set_num_threads(threads_before)
 
 

@@ -37,7 +37,7 @@ def test_killed_worker_is_named_and_the_run_resumes(tmp_path, start_run_until_ro
     workers = [
         c
         for c in psutil.Process(proc.pid).children(recursive=True)
-        if "spawn_main" in " ".join(c.cmdline())
+        if c.name().startswith("roost-worker")  # workers name themselves roost-worker-N
     ]
     assert len(workers) == 2, [c.cmdline() for c in workers]
     victim = workers[0]
