@@ -163,9 +163,7 @@ class Contribution:
         for name, t in result.tensors.items():
             acc = self.sums.get(name)
             if acc is None:
-                acc = self.sums[name] = t.detach().to(torch.float64)
-                if w != 1.0:
-                    acc.mul_(w)
+                self.sums[name] = self.first_sum(t.detach(), w)
             else:
                 # copy to a float64 buffer, then one same-dtype add (a mixed-dtype add_
                 # is ~6x slower on CPU)
@@ -179,6 +177,15 @@ class Contribution:
         self.weight += w
         self.count += 1
         self.clients.append(client_id)
+
+    @staticmethod
+    def first_sum(t: torch.Tensor, w: float) -> torch.Tensor:
+        """``float64(t) * w``, a new tensor: the sum of a single result of weight ``w``
+        (the multiply skipped for weight 1)."""
+        acc = t.to(torch.float64, copy=True)
+        if w != 1.0:
+            acc.mul_(w)
+        return acc
 
     def merge(self, other: Contribution) -> None:
         for name, t in other.sums.items():

@@ -181,8 +181,8 @@ class WireSums:
     ``(name, kind, shape)``. Kind ``"sum"``: the float64 sum itself. Otherwise the sum
     folds one result, and the entry is that result's tensor, of dtype ``kind``
     (``"float32"`` in every shipped method): the receiver folds it again
-    (:func:`refold`), to the same float64 sum bit for bit, from half the bytes. And the
-    contribution's small fields."""
+    (:meth:`Contribution.first_sum`), to the same float64 sum bit for bit, from half
+    the bytes. And the contribution's small fields."""
 
     names: list[tuple[str, str, tuple[int, ...]]]
     weight: float
@@ -242,21 +242,13 @@ def sums_to_wire(c: Contribution) -> tuple[WireSums, list[torch.Tensor]]:
         s = s.detach().to(host)
         if c.count == 1 and s.dtype == torch.float64:
             x = (s if w == 1.0 else s / w).to(torch.float32)
-            if torch.equal(refold(x, w), s):
+            if torch.equal(Contribution.first_sum(x, w), s):
                 names.append((name, "float32", tuple(s.shape)))
                 tensors.append(x)
                 continue
         names.append((name, "sum", tuple(s.shape)))
         tensors.append(s)
     return _header(c, names), tensors
-
-
-def refold(x: torch.Tensor, weight: float) -> torch.Tensor:
-    """``float64(x) * weight``, as :meth:`Contribution.fold` computes a first result's sum."""
-    acc = x.to(torch.float64)
-    if weight != 1.0:
-        acc.mul_(weight)
-    return acc
 
 
 def sums_from_wire(
@@ -270,7 +262,7 @@ def sums_from_wire(
         if kind == "sum":
             c.sums[name] = t.clone() if copy else t
         else:
-            c.sums[name] = refold(t, header.weight)
+            c.sums[name] = Contribution.first_sum(t, header.weight)
     c.scalar_sums = dict(header.scalar_sums)
     c.weight = header.weight
     c.count = header.count
