@@ -17,7 +17,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["random_epochs", "stragglers"]
+__all__ = ["random_epochs", "straggler_count", "stragglers"]
+
+
+def straggler_count(fraction: float, cohort: int) -> int:
+    """How many of a cohort of ``cohort`` devices are stragglers: ``round(fraction ·
+    cohort)`` (Python's round, half to even: 0.5 x 5 gives 2)."""
+    return round(fraction * cohort)
 
 
 def stragglers(
@@ -25,7 +31,7 @@ def stragglers(
 ) -> dict[int, dict[str, Any]]:
     """``round(fraction · |clients|)`` clients (drawn without replacement), each with
     ``local_epochs`` uniform in ``1..epochs``; the others keep the config's epochs."""
-    count = round(fraction * len(clients))
+    count = straggler_count(fraction, len(clients))
     if count == 0:
         return {}
     chosen = rng.choice(len(clients), size=count, replace=False)

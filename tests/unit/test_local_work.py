@@ -9,6 +9,8 @@ import torch
 from _async_helpers import CountingRuntime, make_engine
 
 from roost.algorithms.amble import AMBLEConfig, amble_settings
+from roost.algorithms.fedavg import FedAvgStrategy
+from roost.algorithms.fedprox import DropStragglersStrategy
 from roost.algorithms.local_work import random_epochs, stragglers
 from roost.config import RunConfig
 from roost.system import HeterogeneousConfig, HeterogeneousSystem, HomogeneousConfig
@@ -116,3 +118,60 @@ def test_fednova_random_epochs_are_drawn_per_client_and_charged():
     longest = max(sizes[c] * flights_epochs[c]["local_epochs"] * 0.01 for c in sizes)
     transfer = 8 * 4 * engine.num_params * (1 / 50e6 + 1 / 10e6)
     assert h.final["virtual_time_s"] == pytest.approx(longest + transfer, rel=1e-9)
+
+
+def test_drop_stragglers_removes_round_x_k_of_the_drawn_cohort():
+    """The selection stream draws the cohort (choice of 10 of 20 candidates), then the
+    dropped positions (choice of round(0.5 x 10) = 5 of the 10), in that order: the
+    oracle replays those two numpy calls by hand. 0.9 x 10 drops 9; 0.25 x 10 = 2.5
+    rounds half to even, to 2."""
+
+    candidates = np.arange(100, 120)
+    for fraction, count in ((0.5, 5), (0.9, 9), (0.25, 2)):
+        rng = np.random.default_rng(7)
+        cohort = candidates[rng.choice(20, size=10, replace=False)].tolist()
+        dropped = set(rng.choice(10, size=count, replace=False).tolist())
+        expected = [c for i, c in enumerate(cohort) if i not in dropped]
+        strategy = DropStragglersStrategy(fraction)
+        got = strategy.select(1, candidates, 10, np.random.default_rng(7))
+        assert got == expected and len(got) == 10 - count
+        assert strategy.dropped == count
+
+
+class _Fixed(FedAvgStrategy):
+    """FedAvg whose cohort is given: the oracle run of the drop baseline."""
+
+    def __init__(self, cohorts: dict[int, list[int]]) -> None:
+        super().__init__()
+        self.cohorts = cohorts
+
+    def select(self, round, candidates, k, rng):  # type: ignore[no-untyped-def]
+        return self.cohorts[round]
+
+
+def test_fedavg_dropping_stragglers_is_fedavg_over_the_rest():
+    """The FedProx paper's FedAvg baseline (straggler_work=drop, mu=0, 50% stragglers,
+    2 rounds of 6 of 12 clients): each round trains the 3 kept clients only (the 3 dropped
+    are never computed) and its model is FedAvg's over exactly those 3, bit for bit."""
+
+    run = RunConfig(rounds=2, clients=12, clients_per_round=6, eval_every=0, seed=3)
+    system = HomogeneousSystem(HomogeneousConfig())
+    params = {"mu": 0.0, "stragglers": 0.5, "straggler_work": "drop"}
+    runtime = CountingRuntime()
+    drop, _ = make_engine(run, system, "fedprox", params, runtime=runtime)
+    h = drop.run()
+    assert isinstance(drop.strategy, DropStragglersStrategy)
+    assert [r["clients"] for r in h.records] == [3, 3]
+    assert [r["stragglers_dropped"] for r in h.records] == [3.0, 3.0]
+    assert [len(c) for c in runtime.computed] == [3, 3]
+
+    cohorts = {}
+    for r in (1, 2):  # the engine's selection stream of round r, replayed by hand
+        rng = np.random.default_rng([3, 4, r])
+        cohort = rng.choice(12, size=6, replace=False).tolist()
+        dropped = set(rng.choice(6, size=3, replace=False).tolist())
+        cohorts[r] = [c for i, c in enumerate(cohort) if i not in dropped]
+    assert sorted(runtime.computed[0]) == sorted(cohorts[1])
+    oracle, _ = make_engine(run, system, "fedavg", strategy=_Fixed(cohorts))
+    oracle.run()
+    assert torch.equal(drop.strategy.params, oracle.strategy.params)
