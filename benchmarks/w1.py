@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from precompile import compile_roost
+
 HERE = Path(__file__).resolve().parent
 TARGET_WALL = {"cnn": 1.10, "mlp": 1.15}
 TARGET_RSS = 1.2
@@ -100,6 +102,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--models", default="mlp,cnn")
     args = p.parse_args()
+    print(compile_roost(), flush=True)
     results: dict[str, dict[str, float]] = {}
     print(
         f"{'model':5s} {'floor wall':>10s} {'roost wall':>10s} {'ratio':>6s} "

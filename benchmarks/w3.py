@@ -43,6 +43,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from precompile import compile_roost
+
 HERE = Path(__file__).resolve().parent
 
 TARGET_LOSS = {"mlp": 1e-5}  # the cnn's max-pooling turns last-bit differences into others
@@ -265,6 +267,7 @@ def main() -> None:
     p.add_argument("--models", default="mlp,cnn")
     p.add_argument("--variants", default=",".join(VARIANTS), help=", ".join(VARIANTS))
     args = p.parse_args()
+    print(compile_roost(), flush=True)
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
         if v not in VARIANTS:
