@@ -4,6 +4,7 @@
     roost run --resume DIR [runtime=... runtime.FIELD=... workers=N threads=N]
     roost plot DIR [DIR ...] [--out FILE] [--x round,virtual,wall] [--loss-scale auto|linear|log]
     roost list [KIND] [imports=FILE.py]
+    roost keys DIR --nodes N [--host NAME ...] [--no-client-certs] [--force]
     roost --version
 
 Bad input (an unknown key, a bad value, a file that does not parse, a run directory that
@@ -81,6 +82,27 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument(
         "kind", nargs="?", help="run, algorithm, data, partition, model, system, runtime"
     )
+    k = sub.add_parser(
+        "keys",
+        help="make the keys and certificates of a test federation (docs/deployment.md)",
+        description="Write a CA, a server certificate, one signing key (and client "
+        "certificate) per node and the server's allow-list into DIR.",
+    )
+    k.add_argument("dir", metavar="DIR")
+    k.add_argument("--nodes", type=int, required=True, metavar="N", help="how many nodes")
+    k.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another name or IP address of the server, for its certificate (repeatable)",
+    )
+    k.add_argument(
+        "--no-client-certs",
+        action="store_true",
+        help="no client certificates (they are needed only for mutual TLS)",
+    )
+    k.add_argument("--force", action="store_true", help="replace keys already in DIR")
     return p
 
 
@@ -281,6 +303,17 @@ def _shown(value: object) -> str:
     return str(value)
 
 
+def _keys(args: argparse.Namespace) -> int:
+    try:
+        from roost.deploy.keys import run_cli
+    except ImportError as e:  # no deploy extra: the message says what to install
+        return _fail(str(e))
+    try:
+        return run_cli(args)
+    except FileExistsError as e:
+        return _fail(str(e))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from roost.errors import WorkerFailure
 
@@ -296,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.items = extra
     elif extra:
         args.items = [*args.items, *extra]
-    handlers = {"run": _run, "plot": _plot, "list": _list}
+    handlers = {"run": _run, "plot": _plot, "list": _list, "keys": _keys}
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:

@@ -5,7 +5,7 @@ For an :class:`~roost.algorithms.asynchronous.AsyncStrategy` with concurrency ``
 
 1. at the start, ``C`` clients are selected among those available at t = 0 with the
    generator of a synchronous round 1, ``default_rng([seed, 4, 1])``, and dispatched in
-   that order from version 0;
+   that order from version 0 (in deployment, once ``C`` clients have a node connected);
 2. events are popped in (time, priority, dispatch order). An arrival is delivered: its
    result goes to :meth:`AsyncStrategy.accept` with its :class:`Arrival` (staleness =
    server version now minus the version it started from), the client's new state is
@@ -103,6 +103,9 @@ class AsyncPolicy:
     def _start(self) -> None:
         e = self.engine
         self.started = True
+        if e.remote is not None:  # deployment: start when the cap can be filled
+            while len(e.candidates(e.clock.now)) < self.concurrency:
+                e.pop_event()  # each node's registration is a wake event
         rng = np.random.default_rng([e.run_config.seed, 4, 1])
         chosen = self.strategy.select(1, e.candidates(e.clock.now), self.concurrency, rng)
         payload = self.strategy.payload(self.strategy.version)
@@ -257,6 +260,12 @@ class AsyncPolicy:
         """The procedure's next request reaches the server now: answer it with the
         current global model (kept as a snapshot until the task ends)."""
         e = self.engine
+        if e.remote is not None:  # the node's procedure is suspended on its own device
+            answer = e.snapshot(self.strategy.payload(self.strategy.version))
+            e.flights.answer(flight, answer)
+            flight.down_bytes += answer.nbytes
+            e.remote.answer(flight.key, answer)
+            return
         asked = len(flight.answers)
         if self._advance(flight, asked) is not None:
             raise RuntimeError(
@@ -284,9 +293,9 @@ class AsyncPolicy:
         if e.state_store is not None:
             e.state_store.begin_round(step)
         while True:
-            if not len(e.clock):
+            if not len(e.clock) and e.remote is None:
                 return None  # nothing in flight and no client will ever come online
-            ev = e.clock.pop()
+            ev = e.pop_event()
             kind, key = ev.payload
             if kind == "wake":
                 self.wake_s = None

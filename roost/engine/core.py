@@ -37,12 +37,13 @@ import numpy as np
 import torch
 
 from roost.algorithms.asynchronous import Arrival, AsyncStrategy
-from roost.algorithms.base import Algorithm, Payload, Strategy
-from roost.clock import VirtualClock
+from roost.algorithms.base import Algorithm, Contribution, Payload, Strategy
+from roost.clock import Event, VirtualClock
 from roost.config import RunConfig
 from roost.data.base import FederatedDataset
-from roost.engine.flight import Flight, FlightTable
+from roost.engine.flight import Computed, Flight, FlightTable
 from roost.engine.idle import IdlePool
+from roost.engine.remote import Delivery, RemoteFleet
 from roost.errors import Diverged
 from roost.runtime.base import Runtime, Task, task_seed
 from roost.state import ClientStateStore
@@ -140,6 +141,7 @@ class Engine:
         callbacks: Sequence[Callback] = (),
         state_store: ClientStateStore | None = None,
         initial_params: torch.Tensor | None = None,
+        remote: RemoteFleet | None = None,
     ) -> None:
         from roost.engine.asynchronous import AsyncPolicy
         from roost.engine.rounds import RoundPolicy
@@ -150,8 +152,9 @@ class Engine:
         self.runtime = runtime
         self.dataset = dataset
         self.system = system
+        self.remote = remote
         self.num_params = num_params
-        self.clock = clock or VirtualClock()
+        self.clock = clock if clock is not None else VirtualClock()  # an empty clock is falsy
         self.callbacks = list(callbacks)
         self.state_store = state_store
         self.wall_offset_s = 0.0
@@ -229,7 +232,7 @@ class Engine:
         up = self.algorithm.upload_nbytes(self.num_params, payload.version)
         timing = self.system.timing(client_id, t, work, down, up)
         requests: tuple[float, ...] = ()
-        points = self.algorithm.request_points(settings)
+        points = self.algorithm.request_points(settings) if self.remote is None else ()
         if points:
             timing, requests = self._with_requests(client_id, timing, points, down, up)
         seed = task_seed(self.run_config.seed, client_id, dispatch)
@@ -273,9 +276,49 @@ class Engine:
         self.busy[flight.client_id] = True
         if self._pool is not None:
             self._pool.set_busy(flight.client_id, True)
+        if self.remote is not None:  # its node reports the arrival; the deadline is ours
+            self.remote.send(flight, payload)
+            deadline = self.clock.now + self.remote.task_timeout_s
+            self.clock.schedule(deadline, ("task", flight.key), ARRIVAL)
+            return
         self.clock.schedule(flight.end_s, ("task", flight.key), ARRIVAL)
         for t in flight.requests_s[len(flight.answers) :]:
             self.clock.schedule(t, ("request", flight.key), REQUEST)
+
+    def pop_event(self) -> Event:
+        """The next event of the loop. In deployment (``remote``) a task's event applies
+        what the network delivered for it first (:mod:`roost.engine.remote`): its result,
+        folded as the local runtime folds a task, or its loss (no result by its deadline,
+        or its node reported lost); events of tasks no longer in flight are skipped."""
+        if self.remote is None:
+            return self.clock.pop()
+        while True:
+            ev = self.clock.pop()
+            kind, key = ev.payload
+            if kind not in ("task", "request"):
+                return ev
+            flight = self.flights.flights.get(key)
+            if flight is None or key in self.flights.computed or flight.lost:
+                continue  # the other event of a task already delivered, lost or answered
+            if kind == "task":
+                self._apply_delivery(flight, self.remote.take(key))
+            return ev
+
+    def _apply_delivery(self, flight: Flight, delivery: Delivery | None) -> None:
+        now = self.clock.now
+        if delivery is None or delivery.result is None:
+            flight.lost = True
+            flight.end_s = now
+            flight.timing = flight.timing._replace(offline_s=now)
+            assert self.remote is not None
+            self.remote.cancel(flight.key)
+            return
+        contribution = Contribution()
+        contribution.fold(delivery.result, flight.client_id)
+        start = flight.timing.start_s
+        flight.timing = TaskTiming(start, start, min(now, start + delivery.compute_s), now)
+        flight.end_s = now
+        self.flights.computed[flight.key] = Computed(contribution, delivery.metrics or {}, None)
 
     def land(self, key: int) -> Flight:
         """Take a task out of flight (delivered or lost); its client is idle again, and

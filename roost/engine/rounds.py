@@ -34,11 +34,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from roost.algorithms.asynchronous import Arrival
+from roost.algorithms.base import Contribution
 from roost.engine.core import ROUND_END, delivery_metrics
 from roost.errors import RoostWarning
 
 if TYPE_CHECKING:
     from roost.engine.core import Engine
+    from roost.engine.flight import Flight
 
 __all__ = ["RoundPlan", "RoundPolicy", "plan_round"]
 
@@ -93,6 +95,8 @@ class RoundPolicy:
 
     def next_record(self, r: int, wall_start: float) -> dict[str, Any]:
         e = self.engine
+        if e.remote is not None:
+            return self._network_record(r, wall_start)
         cfg, strategy = e.run_config, e.strategy
         payload = strategy.payload(r)
         t0 = e.clock.now
@@ -158,25 +162,142 @@ class RoundPolicy:
             arrivals.append(e.arrival(flight))
         strategy.observe(arrivals)
 
+        counts = {
+            "dropped": len(planned) - len(kept),
+            "offline": sum(1 for f in planned if f.lost),
+            "late": len(carried),
+        }
+        return self._record(
+            r,
+            wall_start,
+            plan,
+            due,
+            outcome.contributions,
+            outcome.client_metrics,
+            staleness,
+            counts,
+            outcome.metrics,
+        )
+
+    def _record(
+        self,
+        r: int,
+        wall_start: float,
+        plan: RoundPlan,
+        due: Sequence[Flight],
+        contributions: Sequence[Contribution],
+        client_metrics: Sequence[tuple[int, dict[str, float]]],
+        staleness: Sequence[int],
+        counts: dict[str, int],
+        runtime_metrics: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Step on the round's delivered results (warn if there are none) and make its
+        record; ``counts`` are its dropped, offline and late task counts."""
+        e, strategy = self.engine, self.engine.strategy
         record: dict[str, Any] = {"round": r}
-        fields = delivery_metrics(outcome.client_metrics, staleness)
+        fields = delivery_metrics(client_metrics, staleness)
         if due:
-            server = strategy.step(r, outcome.contributions)
+            server = strategy.step(r, contributions)
             record.update(server)
             e.check_finite(r, fields["train_loss"], server)
         else:
             self._warn_empty(r, plan)
         record["clients"] = len(due)
-        record["dropped"] = len(planned) - len(kept)
-        record["offline"] = sum(1 for f in planned if f.lost)
-        record["late"] = len(carried)
+        record.update(counts)
         record["in_flight"] = len(e.flights)
         record["bytes_down"] = sum(f.down_bytes for f in due)
         record["bytes_up"] = sum(f.up_bytes for f in due)
         record.update(fields)
-        record.update(outcome.metrics)
+        record.update(runtime_metrics)
         e.finish_record(record, r, wall_start)
         return record
+
+    def _network_record(self, r: int, wall_start: float) -> dict[str, Any]:
+        """One round in deployment, where arrival times are not known ahead: wait until
+        ``clients_per_round`` clients have a node connected (unless tasks of earlier
+        rounds are still in flight), select among the connected clients (over-selecting
+        as configured) and send every task; the round ends at its ``m``-th arrival, at
+        ``deadline_s`` after its start, or when none of its tasks is left in flight (the
+        others arrived or were lost). Results are folded as they arrive (in arrival order,
+        where simulation folds the counted tasks in selection order: the same float64
+        sums up to their last bits). Tasks of the
+        round still in flight at its end are cancelled with ``late_results=drop``, and
+        with ``carry`` stay in flight and are delivered, with their staleness, in the
+        round during which they arrive. A mid-task request is answered with the model
+        the task started from (within a round the global model does not change)."""
+        e = self.engine
+        cfg, strategy = e.run_config, e.strategy
+        assert e.remote is not None
+        payload = strategy.payload(r)
+        k = cfg.clients_per_round
+        while len(e.candidates(e.clock.now)) < k and not len(e.flights):
+            e.pop_event()  # wait for nodes: each registration is a wake event
+        t0 = e.clock.now
+        rng = np.random.default_rng([cfg.seed, 4, r])
+        selected = strategy.select(
+            r, e.candidates(t0), math.ceil(k * (1 + cfg.over_selection)), rng
+        )
+        settings = strategy.configure_tasks(r, selected, np.random.default_rng([cfg.seed, 10, r]))
+        planned = [e.plan_flight(cid, r, payload, t0, settings.get(cid)) for cid in selected]
+        if planned:
+            snapshot = e.snapshot(payload)
+            for f in planned:
+                e.launch(f, snapshot)
+        if cfg.deadline_s is not None:
+            e.clock.schedule(t0 + cfg.deadline_s, ("round_end", r), ROUND_END)
+        if e.state_store is not None:
+            e.state_store.begin_round(r)
+        mine = {f.key for f in planned}
+        per_client = strategy.aggregation == "per_client"
+        total = Contribution()
+        contributions: list[Contribution] = [] if per_client else [total]
+        due: list[Flight] = []
+        client_metrics: list[tuple[int, dict[str, float]]] = []
+        staleness: list[int] = []
+        arrivals: list[Arrival] = []
+        counted = offline = late = 0
+        while counted < k and any(key in e.flights.flights for key in mine):
+            kind, key = e.pop_event().payload
+            if kind == "round_end":
+                if key == r:
+                    break
+                continue  # the deadline of an earlier round that ended sooner
+            if kind != "task" and kind != "request":
+                continue
+            flight = e.flights.flights[key]
+            if kind == "request":
+                answer = e.flights.snapshots[flight.task.version]
+                e.flights.answer(flight, answer)
+                flight.down_bytes += answer.nbytes
+                e.remote.answer(key, answer)
+                continue
+            done = e.flights.computed.get(key)
+            e.land(key)
+            if done is None:  # lost
+                offline += key in mine
+                continue
+            counted += key in mine
+            late += key not in mine
+            if per_client:
+                contributions.append(done.contribution)
+            else:
+                total.merge(done.contribution)
+            due.append(flight)
+            client_metrics.append((flight.client_id, done.metrics))
+            staleness.append(strategy.version - flight.task.version)
+            arrivals.append(e.arrival(flight))
+        dropped = 0
+        if cfg.late_results != "carry":
+            for key in sorted(mine & e.flights.flights.keys()):
+                e.remote.cancel(key)
+                e.land(key)
+                dropped += 1
+        strategy.observe(arrivals)
+        plan = RoundPlan(list(selected), [f.client_id for f in due], {}, e.clock.now)
+        counts = {"dropped": dropped, "offline": offline, "late": late}
+        return self._record(
+            r, wall_start, plan, due, contributions, client_metrics, staleness, counts, {}
+        )
 
     def _warn_empty(self, r: int, plan: RoundPlan) -> None:
         """Warn (once per run) that a round had no client to count."""

@@ -22,8 +22,9 @@ from typing import Any, cast
 import torch
 import torch.distributed as dist
 
-from roost.algorithms.base import ClientResult, Payload, UpdateOutput
+from roost.algorithms.base import Payload
 from roost.runtime.base import Job, Outcome, Task
+from roost.runtime.capture import CapturingAlgorithm
 from roost.runtime.device import resolve_device, worker_slot_on_node
 from roost.runtime.workers_protocol import (
     BACKEND,
@@ -69,7 +70,7 @@ class _Worker:
     buffer_device: torch.device
     runtime: Any  # LocalRuntime
     shared_store: ClientStateStore | None
-    capture: _Capturing
+    capture: CapturingAlgorithm
     relay: Any = None
     ring: ResultRing | None = None
     ring_state: str = "new"  # new, offered (to the server), accepted, refused
@@ -104,40 +105,13 @@ def _set_up(rank: int, world_size: int, setup: dict[str, Any], parts: Parts) -> 
     buffer_device = device if transport.on_device else torch.device("cpu")
     torch.set_num_threads(worker_threads(options.threads, world_size))
     algorithm, dataset, build_module = parts
-    capture = _Capturing(algorithm)
+    capture = CapturingAlgorithm(algorithm, REFOLDABLE)
     shared_store = open_store_from(setup["store"]) if setup["store"] else None
     runtime = LocalRuntime(LocalRuntimeConfig(str(device)), sums_device=str(buffer_device))
     runtime.start(Job(cast(Any, capture), dataset, build_module, shared_store or ShippedStates({})))
     return _Worker(
         rank, world_size, options, transport, device, buffer_device, runtime, shared_store, capture
     )
-
-
-class _Capturing:
-    """The job's algorithm, keeping the last result a plain update returned.
-
-    While ``streaming``, a result whose tensors are all refoldable (float32) reaches the
-    local runtime without them, so that it folds only the weight and the scalars: the
-    tensors themselves travel (:func:`~roost.runtime.workers_protocol.result_to_wire`)
-    and the server folds them, to the float64 sums the local runtime would have made."""
-
-    def __init__(self, algorithm: Any) -> None:
-        self.algorithm = algorithm
-        self.last: ClientResult | None = None
-        self.streaming = False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.algorithm, name)
-
-    def update(self, *args: Any) -> Any:
-        out = self.algorithm.update(*args)
-        if not isinstance(out, UpdateOutput):
-            self.last = None
-            return out
-        self.last = result = out.result
-        if self.streaming and all(t.dtype in REFOLDABLE for t in result.tensors.values()):
-            return out._replace(result=ClientResult({}, result.weight, result.scalars))
-        return out
 
 
 # --------------------------------------------------------------------------- torchrun

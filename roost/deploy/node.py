@@ -1,0 +1,96 @@
+"""A deployed node's loop: pull a task, train it with the algorithm's own update on the
+node's own data, answer the procedure's mid-task requests over the network, push the
+result.
+
+The node computes with the :class:`~roost.runtime.local.LocalRuntime` of a job whose
+dataset holds the node's data and whose state store is the node's own (client state
+stays on the device), exactly as the simulation computes a task, so a task computed here
+and one computed in simulation from the same payload, data, state and seed are the same
+bits. The result sent is the update's own tensors, weight and scalars
+(:class:`~roost.runtime.capture.CapturingAlgorithm`), which the server folds as the local
+runtime would.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from roost.deploy.coordinator import payload_from_wire, result_to_wire
+from roost.deploy.protocol import RequestKind
+from roost.runtime.base import Task
+from roost.runtime.capture import CapturingAlgorithm
+from roost.runtime.local import LocalRuntime
+
+if TYPE_CHECKING:
+    from roost.deploy.client import NodeClient
+    from roost.deploy.protocol import Task as WireTask
+
+__all__ = ["NodeWorker"]
+
+
+class NodeWorker:
+    """Trains the tasks the server gives ``client`` for client ``client_id``.
+
+    ``runtime`` must have been started with a job whose algorithm is ``capture`` (the
+    algorithm wrapped in :class:`CapturingAlgorithm`) and whose dataset has ``client_id``.
+    """
+
+    def __init__(
+        self,
+        client: NodeClient,
+        runtime: LocalRuntime,
+        capture: CapturingAlgorithm,
+        client_id: int,
+    ) -> None:
+        self.client = client
+        self.runtime = runtime
+        self.capture = capture
+        self.client_id = client_id
+        self.done = 0
+        self._keys = 0
+
+    def run_one(self, task: WireTask) -> bool:
+        """Train one task and push its result; True if the server accepted it."""
+        if task.client_id != self.client_id:
+            raise ValueError(
+                f"the server sent a task of client {task.client_id} to the node of client "
+                f"{self.client_id}"
+            )
+        self._keys += 1
+        local = Task(
+            self.client_id,
+            task.round,
+            task.model_version,
+            task.seed,
+            key=self._keys,
+            settings=tuple(sorted(task.settings.items())),
+        )
+        payload = payload_from_wire(task.payload, task.model_version)
+        start = time.perf_counter()
+        out = self.runtime.execute([local], {payload.version: payload}, 1)
+        while out.requests:
+            answer = self.client.request(task.task_id, RequestKind.FETCH_MODEL)
+            answered = payload_from_wire(answer.tensors, answer.model_version)
+            out = self.runtime.execute([local], {}, 1, answers={local.key: answered})
+        compute_s = time.perf_counter() - start
+        result = self.capture.last
+        if result is None:
+            raise RuntimeError("the algorithm's update returned no plain result")
+        (_, metrics), *_ = out.client_metrics
+        ack = self.client.push_result(result_to_wire(task.task_id, result, metrics, compute_s))
+        self.done += 1
+        return ack.accepted
+
+    def run(self, stop: threading.Event, max_tasks: int | None = None) -> int:
+        """Register, then pull and train tasks until ``stop`` is set (or ``max_tasks``
+        were trained); returns how many were trained."""
+        self.client.register()
+        while not stop.is_set() and (max_tasks is None or self.done < max_tasks):
+            task = self.client.pull_task()
+            if task is None:
+                stop.wait(min(self.client.retry_after_s or 0.05, 1.0))
+                continue
+            self.run_one(task)
+        return self.done

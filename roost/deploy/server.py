@@ -1,0 +1,388 @@
+"""The gRPC server: security and validation in front of a
+:class:`~roost.deploy.protocol.Coordinator`.
+
+:class:`DeployServicer` registers the five methods of ``roost.deploy.v1.Deploy`` without
+serializers, so each handler sees the exact request bytes. For every request it, in order:
+verifies the signature metadata (:class:`~roost.deploy.auth.Verifier`); for a unary
+request checks the body's SHA-256 against the signed one; parses the message and its
+``protocol_version``; checks that the body's node id is the signer's and that the node has
+registered since the server started; checks task ownership in the
+:class:`~roost.deploy.tasks.TaskTable`; decodes tensors strictly (the task's result spec,
+the size caps, finite values); for a result stream checks the digest of every frame
+received; and only then calls the coordinator. A refusal is answered with the
+:class:`~roost.deploy.errors.WireError`'s status, its message, trailing metadata
+``roost-refusal: KIND``, and one WARNING line on the ``roost.deploy`` logger; any other
+exception (a coordinator bug) is logged with its traceback and answered INTERNAL. Either
+way the server goes on serving.
+
+:class:`DeployServer` runs it on a thread-pool ``grpc.server`` with the message limits set
+explicitly (default 4 MiB both ways, gRPC's own default; chunks are 1 MiB).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from roost.deploy._deps import missing_extra
+from roost.deploy._proto import FRAME_OVERHEAD, METHODS, PROTOCOL_VERSION, SERVICE, pb
+from roost.deploy.auth import BodyDigest, Caller, Verifier, body_digest
+from roost.deploy.errors import (
+    MalformedMessage,
+    NonFinite,
+    NotRegistered,
+    PermissionDenied,
+    WireError,
+)
+from roost.deploy.frames import (
+    answer_frames,
+    no_task_frame,
+    parse,
+    read_metrics,
+    read_settings,
+    task_frames,
+)
+from roost.deploy.protocol import (
+    Ack,
+    Coordinator,
+    MidTaskRequest,
+    NodeInfo,
+    RequestKind,
+    Result,
+    WireStats,
+)
+from roost.deploy.tasks import TaskTable
+from roost.deploy.tensors import DEFAULT_CHUNK_BYTES, Decoder, Limits
+from roost.deploy.tls import ServerTls, server_credentials
+
+try:
+    import grpc
+except ImportError as e:
+    raise missing_extra("grpcio", e) from e
+
+__all__ = ["METHODS", "DeployServer", "DeployServicer", "ServerConfig"]
+
+log = logging.getLogger("roost.deploy")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Server limits and timings.
+
+    Attributes:
+        chunk_bytes: data per chunk frame the server sends.
+        max_message_bytes: gRPC's receive and send limit for one message, set explicitly.
+        max_result_bytes: the most tensor bytes one result may declare (refused before
+            anything is allocated); also the cap for one result's buffers.
+        max_tensors: the most entries one result's manifest may list.
+        require_finite: refuse results with NaN or Inf in a floating-point tensor.
+        heartbeat_interval_s: told to nodes at registration.
+        retry_after_s: told to a node when there is no task for it.
+        max_workers: threads of the gRPC server (each open RPC holds one).
+    """
+
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    max_message_bytes: int = 4 << 20
+    max_result_bytes: int = 256 << 20
+    max_tensors: int = 1024
+    require_finite: bool = True
+    heartbeat_interval_s: float = 10.0
+    retry_after_s: float = 1.0
+    max_workers: int = 16
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.chunk_bytes <= self.max_message_bytes - FRAME_OVERHEAD:
+            raise ValueError(
+                f"chunk_bytes = {self.chunk_bytes} must be in 1 .. max_message_bytes - "
+                f"{FRAME_OVERHEAD} = {self.max_message_bytes - FRAME_OVERHEAD}"
+            )
+        if self.max_result_bytes < 0 or self.max_tensors < 1 or self.max_workers < 1:
+            raise ValueError("max_result_bytes >= 0, max_tensors >= 1, max_workers >= 1 needed")
+        if self.heartbeat_interval_s <= 0 or self.retry_after_s < 0:
+            raise ValueError("heartbeat_interval_s must be > 0 and retry_after_s >= 0")
+
+
+def _reply(ack: Ack, task_id: str) -> bytes:
+    return pb.PushResultReply(
+        protocol_version=PROTOCOL_VERSION,
+        task_id=task_id,
+        accepted=ack.accepted,
+        duplicate=ack.duplicate,
+        detail=ack.detail,
+    ).SerializeToString()
+
+
+class DeployServicer:
+    """The handlers of ``roost.deploy.v1.Deploy`` (see the module docstring)."""
+
+    def __init__(
+        self, coordinator: Coordinator, verifier: Verifier, config: ServerConfig = ServerConfig()
+    ) -> None:
+        self.coordinator = coordinator
+        self.verifier = verifier
+        self.config = config
+        self.tasks = TaskTable()
+        self.nodes: dict[str, NodeInfo] = {}
+        self._lock = threading.Lock()
+        self.result_limits = Limits(
+            max_total_bytes=config.max_result_bytes,
+            max_tensors=config.max_tensors,
+            max_chunk_bytes=config.max_message_bytes,
+            require_finite=config.require_finite,
+        )
+
+    def handler(self) -> Any:
+        """The ``grpc.GenericRpcHandler`` serving the five methods on raw bytes."""
+        handlers = {
+            "Register": grpc.unary_unary_rpc_method_handler(self._unary("Register", self.register)),
+            "PullTask": grpc.unary_stream_rpc_method_handler(
+                self._streaming("PullTask", self.pull_task)
+            ),
+            "PushResult": grpc.stream_unary_rpc_method_handler(
+                self._unary("PushResult", self.push_result)
+            ),
+            "Request": grpc.unary_stream_rpc_method_handler(
+                self._streaming("Request", self.request)
+            ),
+            "Heartbeat": grpc.unary_unary_rpc_method_handler(
+                self._unary("Heartbeat", self.heartbeat)
+            ),
+        }
+        return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+    # --- refusals ---------------------------------------------------------------------
+
+    def _fail(self, name: str, context: Any, error: BaseException) -> None:
+        """Log ``error`` and abort the call with its status (INTERNAL for a non-WireError)."""
+        peer = context.peer()
+        claimed = dict(context.invocation_metadata()).get("roost-node-id", "?")
+        who = f"{peer} (claiming node {str(claimed)[:64]!r})"
+        if isinstance(error, WireError):
+            log.warning("refused %s from %s: %s %s: %s", name, who, error.code, error.kind, error)
+            context.set_trailing_metadata((("roost-refusal", error.kind),))
+            context.abort(error.grpc_code(), str(error))
+        if not context.is_active():  # the client went away mid-call
+            log.info("%s from %s ended by the client (%s)", name, who, type(error).__name__)
+            return
+        log.error("%s from %s failed inside the server", name, who, exc_info=error)
+        context.abort(grpc.StatusCode.INTERNAL, f"server error: {type(error).__name__}: {error}")
+
+    def _unary(self, name: str, fn: Callable[[Any, Any], bytes]) -> Callable[[Any, Any], bytes]:
+        def handle(request: Any, context: Any) -> bytes:
+            try:
+                return fn(request, context)
+            except Exception as e:
+                self._fail(name, context, e)
+                return b""
+
+        return handle
+
+    def _streaming(
+        self, name: str, fn: Callable[[bytes, Any], Iterator[bytes]]
+    ) -> Callable[[bytes, Any], Iterator[bytes]]:
+        def handle(request: bytes, context: Any) -> Iterator[bytes]:
+            try:
+                yield from fn(request, context)
+            except Exception as e:
+                self._fail(name, context, e)
+
+        return handle
+
+    # --- checks shared by the handlers --------------------------------------------------
+
+    def _caller(self, name: str, context: Any, body: bytes | None) -> Caller:
+        """The authenticated caller; for a unary request (``body``) also its body digest."""
+        caller = self.verifier.verify(METHODS[name], context.invocation_metadata())
+        if body is not None:
+            self.verifier.check_body(caller, body_digest([body]))
+        return caller
+
+    def _check_node(self, caller: Caller, node_id: str) -> None:
+        if node_id != caller.node_id:
+            raise PermissionDenied(
+                f"node {caller.node_id!r} sent a message for node {node_id[:64]!r}"
+            )
+        with self._lock:
+            known = self.nodes.get(node_id)
+        if known is None or known.public_key != caller.public_key:
+            raise NotRegistered(f"node {node_id!r} has not registered with this server; register")
+
+    # --- the five methods ---------------------------------------------------------------
+
+    def register(self, raw: bytes, context: Any) -> bytes:
+        caller = self._caller("Register", context, raw)
+        req = parse(pb.RegisterRequest, raw)
+        if req.node_id != caller.node_id or req.public_key != caller.public_key:
+            raise PermissionDenied(
+                f"node {caller.node_id!r} may register only itself with its own key"
+            )
+        node = NodeInfo(
+            caller.node_id,
+            caller.public_key,
+            req.num_examples,
+            read_settings(req.properties, "properties"),
+        )
+        self.coordinator.register(node)
+        with self._lock:
+            self.nodes[node.node_id] = node
+        log.info("node %r registered (%d examples)", node.node_id, node.num_examples)
+        cfg = self.config
+        return pb.RegisterReply(
+            protocol_version=PROTOCOL_VERSION,
+            heartbeat_interval_ms=round(cfg.heartbeat_interval_s * 1000),
+            max_message_bytes=cfg.max_message_bytes,
+            chunk_bytes=cfg.chunk_bytes,
+        ).SerializeToString()
+
+    def pull_task(self, raw: bytes, context: Any) -> Iterator[bytes]:
+        caller = self._caller("PullTask", context, raw)
+        req = parse(pb.PullTaskRequest, raw)
+        self._check_node(caller, req.node_id)
+        spec = self.coordinator.next_task(caller.node_id)
+        if spec is None:
+            yield no_task_frame(self.config.retry_after_s)
+            return
+        frames = task_frames(spec, self.config.chunk_bytes)  # checks the spec first
+        self.tasks.give(spec.task_id, caller.node_id, spec.result_spec)
+        yield from frames
+
+    def push_result(self, request_iterator: Iterator[bytes], context: Any) -> bytes:
+        caller = self._caller("PushResult", context, None)
+        digest = BodyDigest()
+        frames = iter(request_iterator)
+        first = next(frames, None)
+        if first is None:
+            raise MalformedMessage("PushResult stream with no frame")
+        digest.update(first)
+        frame = parse(pb.ResultFrame, first)
+        if frame.WhichOneof("frame") != "header":
+            raise MalformedMessage("PushResult's first frame is not a header")
+        h = frame.header
+        self._check_node(caller, h.node_id)
+        node_id, task_id = caller.node_id, h.task_id
+        duplicate = self.tasks.peek(node_id, task_id, caller.body_sha256)
+        if duplicate is not None:
+            log.info("duplicate result of task %r from %r acknowledged", task_id, node_id)
+            return _reply(duplicate, task_id)
+        if not math.isfinite(h.weight):
+            raise NonFinite(f"result weight is {h.weight}; it must be finite")
+        if h.weight < 0:
+            raise MalformedMessage(f"result weight is {h.weight}; it must be >= 0")
+        metrics = read_metrics(h.metrics)
+        decoder = Decoder(h.result, self.result_limits, self.tasks.result_spec(node_id, task_id))
+        message_bytes, chunks = len(first), 0
+        for raw in frames:
+            digest.update(raw)
+            message_bytes += len(raw)
+            frame = parse(pb.ResultFrame, raw)
+            if frame.WhichOneof("frame") != "chunk":
+                raise MalformedMessage("PushResult frame after the header is not a chunk")
+            decoder.add(frame.chunk)
+            chunks += 1
+        self.verifier.check_body(caller, digest.hexdigest())
+        wire = WireStats(decoder.received_bytes, message_bytes, chunks)
+        result = Result(task_id, decoder.finish(), h.weight, metrics, wire)
+        duplicate = self.tasks.begin_delivery(node_id, task_id, caller.body_sha256)
+        if duplicate is not None:
+            return _reply(duplicate, task_id)
+        try:
+            ack = self.coordinator.accept_result(node_id, result)
+        except BaseException:
+            self.tasks.abort_delivery(task_id)
+            raise
+        self.tasks.finish_delivery(task_id, ack)
+        return _reply(ack, task_id)
+
+    def request(self, raw: bytes, context: Any) -> Iterator[bytes]:
+        caller = self._caller("Request", context, raw)
+        req = parse(pb.MidTaskRequest, raw)
+        self._check_node(caller, req.node_id)
+        try:
+            kind = RequestKind(req.kind)
+        except ValueError:
+            raise MalformedMessage(
+                f"request kind {req.kind} is not one of "
+                f"{', '.join(f'{k.value} ({k.name})' for k in RequestKind)}"
+            ) from None
+        self.tasks.check_active(caller.node_id, req.task_id)
+        answer = self.coordinator.answer_request(caller.node_id, MidTaskRequest(req.task_id, kind))
+        yield from answer_frames(req.task_id, kind, answer, self.config.chunk_bytes)
+
+    def heartbeat(self, raw: bytes, context: Any) -> bytes:
+        caller = self._caller("Heartbeat", context, raw)
+        req = parse(pb.HeartbeatRequest, raw)
+        self._check_node(caller, req.node_id)
+        if req.task_id:
+            self.tasks.check_active(caller.node_id, req.task_id)
+        go_on = self.coordinator.heartbeat(caller.node_id, req.task_id or None)
+        return pb.HeartbeatReply(
+            protocol_version=PROTOCOL_VERSION, continue_task=bool(go_on)
+        ).SerializeToString()
+
+
+class DeployServer:
+    """A :class:`DeployServicer` on a thread-pool ``grpc.server`` bound to ``address``.
+
+    Plaintext is refused on a non-loopback address unless ``insecure`` (see
+    :mod:`roost.deploy.tls`); that check runs before anything is bound. ``port`` is the bound
+    port (useful with port 0). Use as a context manager, or :meth:`start` and :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        verifier: Verifier,
+        *,
+        address: str = "127.0.0.1:0",
+        tls: ServerTls | None = None,
+        insecure: bool = False,
+        config: ServerConfig = ServerConfig(),
+    ) -> None:
+        credentials = server_credentials(address, tls, insecure=insecure)
+        self.servicer = DeployServicer(coordinator, verifier, config)
+        self._server = grpc.server(
+            ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="roost-deploy"),
+            handlers=[self.servicer.handler()],
+            options=[
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        try:
+            if credentials is None:
+                port = self._server.add_insecure_port(address)
+            else:
+                port = self._server.add_secure_port(address, credentials)
+        except RuntimeError as e:
+            raise OSError(f"cannot bind the server to {address}: {e}") from e
+        if not port:
+            raise OSError(f"cannot bind the server to {address}")
+        self.port: int = port
+        self.host = address.rsplit(":", 1)[0]
+        self.tls = credentials is not None
+
+    @property
+    def address(self) -> str:
+        """``HOST:PORT`` with the bound port."""
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> DeployServer:
+        self._server.start()
+        log.info("serving %s on %s (%s)", SERVICE, self.address, "TLS" if self.tls else "plaintext")
+        return self
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Stop accepting calls, end open ones after ``grace_s`` (None: at once), and wait."""
+        self._server.stop(grace_s).wait()
+
+    def __enter__(self) -> DeployServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
