@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import ipaddress
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from roost.deploy._deps import missing_extra
 from roost.deploy.auth import AllowList, NodeKey
+from roost.track.files import atomic_write_bytes
 
 try:
     from cryptography import x509
@@ -64,19 +63,8 @@ class Federation:
 
 
 def write_atomic(path: Path, data: bytes, *, private: bool = False) -> None:
-    """Write ``data`` to a temporary file beside ``path`` (mode 0600 when ``private``, else
-    0644), flush it to disk and move it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o600 if private else 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` atomically to ``path`` with mode 0600 when ``private``, else 0644."""
+    atomic_write_bytes(path, data, 0o600 if private else 0o644)
 
 
 def _name(common_name: str) -> x509.Name:
