@@ -13,9 +13,13 @@ neither grpc, protobuf nor cryptography; each name below imports its module on f
 * :mod:`roost.deploy.server`: ``DeployServer``, ``ServerConfig``;
 * :mod:`roost.deploy.client`: ``NodeClient``, ``ClientConfig``, ``RemoteRefusal``,
   ``Unreachable``; :mod:`roost.deploy.backoff`: ``Backoff``;
-* :mod:`roost.deploy.keys`: ``make_federation`` (``roost keys``).
+* :mod:`roost.deploy.keys`: ``make_federation`` (``roost keys``);
+* :mod:`roost.deploy.coordinator`: ``EngineCoordinator``, the Coordinator that is the
+  engine's :class:`~roost.engine.remote.RemoteFleet` (the engine on a wall clock);
+* :mod:`roost.deploy.node`: ``NodeWorker``, a node's loop.
 
-Not here yet: ``roost serve`` / ``roost node``, the engine on a wall clock, persistence.
+Not here yet: ``roost serve`` / ``roost node``, a heartbeat watchdog, persistence and
+resuming a server.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ _HOMES = {
     "client": ("ClientConfig", "NodeClient", "RemoteRefusal", "Unreachable"),
     "backoff": ("Backoff",),
     "keys": ("make_federation",),
+    "coordinator": ("EngineCoordinator",),
+    "node": ("NodeWorker",),
 }
 _MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
 

@@ -12,8 +12,11 @@ from a network thread.
 
 Clients and nodes: a node declares the client id it holds (property ``client_id``,
 0 .. N-1) at registration; one node per client id. A node that registers makes its
-client available (and wakes an engine that waits for nodes); :meth:`disconnect` (or a
-task's deadline) takes it away.
+client available (and wakes an engine that waits for nodes); :meth:`disconnect` takes
+it away. Nothing calls :meth:`disconnect` yet: a node that dies is noticed only by its
+task's deadline (a dropout), and its client stays selectable (no heartbeat watchdog yet).
+The task-id map keeps one short entry per task of the run (not built yet: forgetting
+delivered tasks).
 
 Results: a node sends its client update's own tensors (float32), weight and scalars, and
 its client metrics; the engine folds them as the local runtime folds a task. Metrics

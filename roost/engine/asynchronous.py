@@ -261,10 +261,7 @@ class AsyncPolicy:
         current global model (kept as a snapshot until the task ends)."""
         e = self.engine
         if e.remote is not None:  # the node's procedure is suspended on its own device
-            answer = e.snapshot(self.strategy.payload(self.strategy.version))
-            e.flights.answer(flight, answer)
-            flight.down_bytes += answer.nbytes
-            e.remote.answer(flight.key, answer)
+            e.answer_remote(flight, self.strategy.payload(self.strategy.version))
             return
         asked = len(flight.answers)
         if self._advance(flight, asked) is not None:

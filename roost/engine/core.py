@@ -288,8 +288,8 @@ class Engine:
     def pop_event(self) -> Event:
         """The next event of the loop. In deployment (``remote``) a task's event applies
         what the network delivered for it first (:mod:`roost.engine.remote`): its result,
-        folded as the local runtime folds a task, or its loss (no result by its deadline,
-        or its node reported lost); events of tasks no longer in flight are skipped."""
+        folded as the local runtime folds a task, or its loss (no result by its
+        deadline); events of tasks no longer in flight are skipped."""
         if self.remote is None:
             return self.clock.pop()
         while True:
@@ -306,7 +306,7 @@ class Engine:
 
     def _apply_delivery(self, flight: Flight, delivery: Delivery | None) -> None:
         now = self.clock.now
-        if delivery is None or delivery.result is None:
+        if delivery is None:
             flight.lost = True
             flight.end_s = now
             flight.timing = flight.timing._replace(offline_s=now)
@@ -318,7 +318,16 @@ class Engine:
         start = flight.timing.start_s
         flight.timing = TaskTiming(start, start, min(now, start + delivery.compute_s), now)
         flight.end_s = now
-        self.flights.computed[flight.key] = Computed(contribution, delivery.metrics or {}, None)
+        self.flights.computed[flight.key] = Computed(contribution, delivery.metrics, None)
+
+    def answer_remote(self, flight: Flight, payload: Payload) -> None:
+        """Answer a deployed task's mid-task request with ``payload`` (kept as a snapshot
+        while the task needs it, and counted in its downloaded bytes)."""
+        assert self.remote is not None
+        answer = self.snapshot(payload)
+        self.flights.answer(flight, answer)
+        flight.down_bytes += answer.nbytes
+        self.remote.answer(flight.key, answer)
 
     def land(self, key: int) -> Flight:
         """Take a task out of flight (delivered or lost); its client is idle again, and

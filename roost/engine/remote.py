@@ -35,18 +35,14 @@ __all__ = ["ConnectedNodes", "Delivery", "RemoteFleet"]
 
 @dataclass(frozen=True)
 class Delivery:
-    """What the network reported about a task in flight: its result, or that it was lost.
+    """A task's result as the network delivered it: the client update's own tensors,
+    weight and scalars (the engine folds them exactly as the local runtime folds a task),
+    the client's metrics (``train_loss`` ...) and the seconds the node measured for its
+    compute. A task with no delivery by its deadline is lost."""
 
-    ``result`` holds the client update's own tensors, weight and scalars (the engine folds
-    them exactly as the local runtime folds a task); ``metrics`` are the client's metrics
-    (``train_loss`` ...); ``compute_s`` the seconds the node measured for its compute;
-    ``lost`` a reason when the task will never arrive (the node died, hung or dropped it).
-    """
-
-    result: ClientResult | None = None
-    metrics: dict[str, float] | None = None
+    result: ClientResult
+    metrics: dict[str, float]
     compute_s: float = 0.0
-    lost: str | None = None
 
 
 class RemoteFleet(Protocol):

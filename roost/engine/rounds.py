@@ -220,11 +220,11 @@ class RoundPolicy:
         ``deadline_s`` after its start, or when none of its tasks is left in flight (the
         others arrived or were lost). Results are folded as they arrive (in arrival order,
         where simulation folds the counted tasks in selection order: the same float64
-        sums up to their last bits). Tasks of the
-        round still in flight at its end are cancelled with ``late_results=drop``, and
-        with ``carry`` stay in flight and are delivered, with their staleness, in the
-        round during which they arrive. A mid-task request is answered with the model
-        the task started from (within a round the global model does not change)."""
+        sums up to their last bits). Tasks of the round still in flight at its end are
+        cancelled with ``late_results=drop``, and with ``carry`` stay in flight and are
+        delivered, with their staleness, in the round during which they arrive. A mid-task
+        request is answered with the model the task started from (within a round the
+        global model does not change)."""
         e = self.engine
         cfg, strategy = e.run_config, e.strategy
         assert e.remote is not None
@@ -266,10 +266,7 @@ class RoundPolicy:
                 continue
             flight = e.flights.flights[key]
             if kind == "request":
-                answer = e.flights.snapshots[flight.task.version]
-                e.flights.answer(flight, answer)
-                flight.down_bytes += answer.nbytes
-                e.remote.answer(key, answer)
+                e.answer_remote(flight, e.flights.snapshots[flight.task.version])
                 continue
             done = e.flights.computed.get(key)
             e.land(key)
