@@ -5,6 +5,9 @@
     roost plot DIR [DIR ...] [--out FILE] [--x round,virtual,wall] [--loss-scale auto|linear|log]
     roost list [KIND] [imports=FILE.py]
     roost keys DIR --nodes N [--host NAME ...] [--no-client-certs] [--force]
+    roost serve PRESET_OR_FILE [KEY=VALUE ...] --address HOST:PORT --out DIR --keys DIR
+    roost serve --resume DIR --address HOST:PORT --keys DIR
+    roost node --server HOST:PORT --key NODE_DIR [--client-id K] [--state DIR] [KEY=VALUE ...]
     roost --version
 
 Bad input (an unknown key, a bad value, a file that does not parse, a run directory that
@@ -103,6 +106,79 @@ def _parser() -> argparse.ArgumentParser:
         help="no client certificates (they are needed only for mutual TLS)",
     )
     k.add_argument("--force", action="store_true", help="replace keys already in DIR")
+    sv = sub.add_parser(
+        "serve",
+        help="serve a run to nodes over gRPC (docs/deployment.md)",
+        description="Run PRESET_OR_FILE with KEY=VALUE overrides as `roost run` does, with "
+        "its tasks trained by the nodes that connect (roost node) instead of simulated.",
+    )
+    sv.add_argument("items", nargs="*", metavar="PRESET_OR_FILE [KEY=VALUE ...]")
+    sv.add_argument("--address", required=True, metavar="HOST:PORT", help="where to listen")
+    sv.add_argument("--out", help="run directory (default: runs/NAME-TIMESTAMP)")
+    sv.add_argument("--resume", metavar="DIR", help="continue the served run kept in DIR")
+    sv.add_argument(
+        "--keys", metavar="DIR", help="a roost keys directory: allow-list and certificates"
+    )
+    sv.add_argument(
+        "--allow-list", metavar="FILE", help="the nodes' public keys (default: DIR/allowlist.txt)"
+    )
+    sv.add_argument(
+        "--plaintext", action="store_true", help="no TLS (refused unless the address is loopback)"
+    )
+    sv.add_argument(
+        "--mutual-tls", action="store_true", help="nodes must present a client certificate"
+    )
+    sv.add_argument(
+        "--task-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="a task with no result S seconds after dispatch is lost (default 600)",
+    )
+    sv.add_argument(
+        "--heartbeat",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="how often a busy node heartbeats; a node silent for 3 of these is "
+        "disconnected and its tasks are lost (default 10)",
+    )
+    sv.add_argument("--quiet", action="store_true", help="no progress bar")
+    nd = sub.add_parser(
+        "node",
+        help="train a served run's tasks on this machine's data (docs/deployment.md)",
+        description="Connect to a roost serve server, receive the run's config and train "
+        "the tasks it gives, until the run is over. KEY=VALUE (data, partition, clients, "
+        "threads) give the node its own data instead of its client of the run's data.",
+    )
+    nd.add_argument("items", nargs="*", metavar="KEY=VALUE")
+    nd.add_argument("--server", required=True, metavar="HOST:PORT")
+    nd.add_argument(
+        "--key",
+        required=True,
+        metavar="NODE_DIR",
+        help="this node's directory of a roost keys federation (node.key, node.pub)",
+    )
+    nd.add_argument(
+        "--ca",
+        metavar="FILE",
+        help="the CA of the server's certificate (default: "
+        "NODE_DIR/../../ca.pem, where roost keys puts it)",
+    )
+    nd.add_argument("--plaintext", action="store_true", help="no TLS (loopback only)")
+    nd.add_argument(
+        "--mutual-tls", action="store_true", help="present NODE_DIR/client.pem to the server"
+    )
+    nd.add_argument(
+        "--client-id",
+        type=int,
+        metavar="K",
+        help="the client of the data this node holds (default: the one the server assigns; "
+        "with KEY=VALUE data, client 0)",
+    )
+    nd.add_argument(
+        "--state", metavar="DIR", help="keep the client state on disk in DIR (default: memory)"
+    )
     return p
 
 
@@ -196,6 +272,12 @@ def _run(args: argparse.Namespace) -> int:
         history = _guarded(out, lambda: run(cfg, out, progress=progress))
     if isinstance(history, int):
         return history
+    _print_final(history, out)
+    return 0
+
+
+def _print_final(history: History, out: Path) -> None:
+    """The last line of a run: final accuracy, rounds, clients and where the results are."""
     final = history.last_evaluated()
     acc = final.get("accuracy")
     shown = f"final accuracy {acc:.4f}, " if acc is not None else ""
@@ -205,7 +287,6 @@ def _run(args: argparse.Namespace) -> int:
         f"{shown}{len(history.records)} rounds{why}, {history.num_clients} clients; "
         f"results in {out}"
     )
-    return 0
 
 
 EXIT_FAILED = 1
@@ -314,6 +395,72 @@ def _keys(args: argparse.Namespace) -> int:
         return _fail(str(e))
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from roost.config import PRESETS, apply_overrides, load_config_source, resolve
+    from roost.deployment import ServeOptions, print_ready, serve
+
+    options = ServeOptions(
+        address=args.address,
+        keys=Path(args.keys) if args.keys else None,
+        allow_list=Path(args.allow_list) if args.allow_list else None,
+        plaintext=args.plaintext,
+        mutual_tls=args.mutual_tls,
+        task_timeout_s=args.task_timeout,
+        heartbeat_s=args.heartbeat,
+    )
+    progress = not args.quiet
+    if args.resume:
+        if args.items or args.out:
+            return _fail(
+                "--resume DIR takes no preset, KEY=VALUE or --out: the run "
+                "continues with the config saved in DIR"
+            )
+        out = Path(args.resume)
+        history = _guarded(
+            out,
+            lambda: serve(None, out, options, resume=True, progress=progress, on_ready=print_ready),
+        )
+    else:
+        if not args.items:
+            return _fail(
+                f"roost serve needs PRESET_OR_FILE (presets: {', '.join(sorted(PRESETS))})"
+            )
+        source, *overrides = args.items
+        cfg = resolve(apply_overrides(load_config_source(source), overrides))
+        for note in cfg.notes:
+            _note(note)
+        out = (
+            Path(args.out)
+            if args.out
+            else Path("runs", f"{Path(source).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        )
+        history = _guarded(
+            out, lambda: serve(cfg, out, options, progress=progress, on_ready=print_ready)
+        )
+    if isinstance(history, int):
+        return history
+    _print_final(history, out)
+    return 0
+
+
+def _node(args: argparse.Namespace) -> int:
+    from roost.deployment import NodeOptions, run_node
+
+    options = NodeOptions(
+        server=args.server,
+        key=Path(args.key),
+        ca=Path(args.ca) if args.ca else None,
+        plaintext=args.plaintext,
+        mutual_tls=args.mutual_tls,
+        client_id=args.client_id,
+        overrides=tuple(args.items),
+        state_dir=Path(args.state) if args.state else None,
+    )
+    trained = run_node(options)
+    print(f"the run is over; this node trained {trained} tasks")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from roost.errors import WorkerFailure
 
@@ -321,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # KEY=VALUE overrides may stand after options (`roost run w1 --out D model=cnn`);
     # `roost list` takes imports=... the same way.
-    takes_items = args.command in ("run", "list")
+    takes_items = args.command in ("run", "list", "serve", "node")
     stray = [e for e in extra if e.startswith("-") or "=" not in e or not takes_items]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
@@ -329,7 +476,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.items = extra
     elif extra:
         args.items = [*args.items, *extra]
-    handlers = {"run": _run, "plot": _plot, "list": _list, "keys": _keys}
+    handlers = {
+        "run": _run,
+        "plot": _plot,
+        "list": _list,
+        "keys": _keys,
+        "serve": _serve,
+        "node": _node,
+    }
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:

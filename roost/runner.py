@@ -11,7 +11,8 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,10 @@ import torch
 from roost.algorithms.asynchronous import AsyncStrategy
 from roost.algorithms.base import Strategy
 from roost.build import WorkerParts, build_parts, initial_params
+from roost.clock import WallClock
 from roost.config import ResolvedConfig, apply_overrides, resolve
 from roost.engine import Callback, Engine, History
+from roost.engine.remote import ConnectedNodes, RemoteFleet
 from roost.errors import Diverged
 from roost.registry import ConfigError
 from roost.runtime.base import RUNTIMES, Job
@@ -35,9 +38,15 @@ from roost.track.resources import peak_rss_mb
 from roost.track.rundir import RunDir, RunDirError
 from roost.track.tensorboard import TensorBoardWriter
 
-__all__ = ["describe_run", "pacing_note", "resume", "run", "summarize"]
+__all__ = ["RemoteFactory", "describe_run", "pacing_note", "resume", "run", "summarize"]
 
 CHECKPOINT_FORMAT = 3
+
+RemoteFactory = Callable[[WallClock, int, ResolvedConfig], AbstractContextManager[RemoteFleet]]
+"""A deployment's nodes, for :func:`run` and :func:`resume` with ``remote``: called with
+the run's wall clock, its number of clients and its config, it returns a context manager
+that yields the :class:`~roost.engine.remote.RemoteFleet` (``roost serve``: the gRPC
+server, started on entry, told the run is over and stopped on exit)."""
 
 
 class _Checkpointer:
@@ -99,21 +108,24 @@ def run(
     *,
     progress: bool = False,
     callbacks: Sequence[Callback] = (),
+    remote: RemoteFactory | None = None,
 ) -> History:
     """Run a federated simulation; with ``out``, keep a run directory there.
 
     ``config`` is a :class:`ResolvedConfig` or a raw tree (as in a config file). Returns
-    the :class:`History` of per-round records.
+    the :class:`History` of per-round records. With ``remote`` the run is deployed: the
+    engine runs on a wall clock and its tasks are trained by the fleet's nodes (the
+    system model is :class:`~roost.engine.remote.ConnectedNodes`).
     """
     cfg = _as_resolved(config)
     rundir = RunDir(out) if out is not None else None
     if rundir is None:
-        return _execute(cfg, None, None, progress, callbacks)
+        return _execute(cfg, None, None, progress, callbacks, remote)
     rundir.create(cfg.to_dict())
     if cfg.run.state_store == "disk":
         rundir.made(STATE_FILE_NAME)
     try:
-        return _execute(cfg, rundir, None, progress, callbacks)
+        return _execute(cfg, rundir, None, progress, callbacks, remote)
     except BaseException:
         if not rundir.has_checkpoint():  # failed before its first round: nothing to keep
             rundir.discard()
@@ -130,8 +142,10 @@ def resume(
     overrides: Sequence[str] = (),
     progress: bool = False,
     callbacks: Sequence[Callback] = (),
+    remote: RemoteFactory | None = None,
 ) -> History:
-    """Continue the run kept in ``out`` from its last checkpoint.
+    """Continue the run kept in ``out`` from its last checkpoint (deployed with
+    ``remote``, as in :func:`run`).
 
     ``overrides`` (``KEY=VALUE``, keys under :data:`RESUME_KEYS`) change how the rest of
     the run computes: another runtime, device or number of workers, e.g. a run started on
@@ -153,7 +167,7 @@ def resume(
     checkpoint = rundir.load_checkpoint()
     if overrides:
         rundir.write_config(cfg.to_dict())
-    return _execute(cfg, rundir, checkpoint, progress, callbacks)
+    return _execute(cfg, rundir, checkpoint, progress, callbacks, remote)
 
 
 def _execute(
@@ -162,6 +176,7 @@ def _execute(
     checkpoint: dict[str, Any] | None,
     progress: bool,
     callbacks: Sequence[Callback],
+    remote: RemoteFactory | None = None,
 ) -> History:
     """Run with the config's torch thread count, and give the caller back its own
     (``torch.set_num_threads`` is process-wide: a later run in the same process, or the
@@ -172,7 +187,8 @@ def _execute(
     try:
         if cfg.name("runtime") == "workers":  # its processes start while the run is built
             prestart("workers", cfg.config("runtime"), WorkerParts(cfg.to_dict()))
-        return _execute_run(cfg, rundir, checkpoint, progress, callbacks)
+        with contextlib.ExitStack() as stack:  # a deployment's server lives as long as this
+            return _execute_run(cfg, rundir, checkpoint, progress, callbacks, remote, stack)
     finally:
         release()  # prestarted processes no runtime claimed (the run failed first)
         torch.set_num_threads(threads_before)
@@ -184,6 +200,8 @@ def _execute_run(
     checkpoint: dict[str, Any] | None,
     progress: bool,
     callbacks: Sequence[Callback],
+    remote: RemoteFactory | None,
+    stack: contextlib.ExitStack,
 ) -> History:
     started = time.perf_counter()
     rc = cfg.run
@@ -215,10 +233,27 @@ def _execute_run(
         checkpoint=checkpoint["client_state"] if checkpoint is not None else None,
     )
     runtime = RUNTIMES.get(cfg.name("runtime")).factory(cfg.config("runtime"))
-    system = build_system(cfg.name("system"), cfg.config("system"), rc.seed, dataset.num_clients)
-    # a model the count cannot run on one zero example keeps the system's own cost
-    with contextlib.suppress(Exception):
-        system.set_model_cost(macs_per_example(parts.build_module(), dataset.info))
+    clock: WallClock | None = None
+    fleet: RemoteFleet | None = None
+    if remote is None:
+        system = build_system(
+            cfg.name("system"), cfg.config("system"), rc.seed, dataset.num_clients
+        )
+        # a model the count cannot run on one zero example keeps the system's own cost
+        with contextlib.suppress(Exception):
+            system.set_model_cost(macs_per_example(parts.build_module(), dataset.info))
+    else:  # deployed: wall time, and the nodes that are connected
+        if algorithm.evaluates_personal_models():
+            raise ConfigError(
+                "algorithm",
+                cfg.name("algorithm"),
+                "evaluates personal models from the clients' state, which a deployment "
+                "keeps on the nodes; deploying it is not built yet",
+            )
+        start_s = float(checkpoint["virtual_time_s"]) if checkpoint is not None else 0.0
+        clock = WallClock(start_s)
+        fleet = stack.enter_context(remote(clock, dataset.num_clients, cfg))
+        system = ConnectedNodes(fleet, dataset.num_clients)
     engine = Engine(
         run=rc,
         algorithm=algorithm,
@@ -229,6 +264,8 @@ def _execute_run(
         num_params=num_params,
         state_store=store,
         initial_params=initial,
+        clock=clock,
+        remote=fleet,
     )
     history = History(num_clients=dataset.num_clients)
     start_round = 1

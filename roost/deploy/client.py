@@ -28,7 +28,15 @@ from roost.deploy._proto import FRAME_OVERHEAD, METHODS, PROTOCOL_VERSION, pb
 from roost.deploy.auth import NodeKey, Signer, body_digest
 from roost.deploy.backoff import Backoff
 from roost.deploy.frames import ResultStream, parse, put_settings, read_answer, read_task
-from roost.deploy.protocol import Ack, Answer, RequestKind, Result, SettingValue, Task
+from roost.deploy.protocol import (
+    Ack,
+    Answer,
+    NoWork,
+    RequestKind,
+    Result,
+    SettingValue,
+    Task,
+)
 from roost.deploy.tensors import DEFAULT_CHUNK_BYTES, Limits
 from roost.deploy.tls import ClientTls, channel_credentials
 
@@ -90,6 +98,10 @@ class ServerInfo:
     heartbeat_interval_s: float
     max_message_bytes: int
     chunk_bytes: int
+    client_id: int = 0
+    """The client id this node holds in the run."""
+    run_config: str = ""
+    """The run's resolved config as JSON ("" when the server gave none)."""
 
 
 RETRIED = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
@@ -159,6 +171,8 @@ class NodeClient:
         self.server: ServerInfo | None = None
         self.retry_after_s = 0.0
         """After :meth:`pull_task` returned None: how long the server asked the node to wait."""
+        self.finished = False
+        """After :meth:`pull_task` returned None: True if the server said the run is over."""
 
     @property
     def node_id(self) -> str:
@@ -214,7 +228,11 @@ class NodeClient:
         put_settings(req.properties, self.properties)
         reply = parse(pb.RegisterReply, self._unary("Register", req))
         self.server = ServerInfo(
-            reply.heartbeat_interval_ms / 1000, reply.max_message_bytes, reply.chunk_bytes
+            reply.heartbeat_interval_ms / 1000,
+            reply.max_message_bytes,
+            reply.chunk_bytes,
+            reply.client_id,
+            reply.run_config_json,
         )
 
     # --- the calls ----------------------------------------------------------------------
@@ -228,13 +246,13 @@ class NodeClient:
     def pull_task(self) -> Task | None:
         """The next task, or None when the server has none (then see ``retry_after_s``)."""
 
-        def attempt() -> Task | float:
+        def attempt() -> Task | NoWork:
             req = pb.PullTaskRequest(protocol_version=PROTOCOL_VERSION, node_id=self.node_id)
             return read_task(self._stream("PullTask", req), self._limits)
 
         got = self._retrying("PullTask", attempt)
-        if isinstance(got, float):
-            self.retry_after_s = got
+        if isinstance(got, NoWork):
+            self.retry_after_s, self.finished = got.retry_after_s, got.finished
             return None
         return got
 

@@ -10,13 +10,21 @@ mid-task requests (a node's request schedules a ``request`` event and waits; the
 answers with the global model). Nothing of the strategy or the flight table is touched
 from a network thread.
 
-Clients and nodes: a node declares the client id it holds (property ``client_id``,
-0 .. N-1) at registration; one node per client id. A node that registers makes its
-client available (and wakes an engine that waits for nodes); :meth:`disconnect` takes
-it away. Nothing calls :meth:`disconnect` yet: a node that dies is noticed only by its
-task's deadline (a dropout), and its client stays selectable (no heartbeat watchdog yet).
-The task-id map keeps one short entry per task of the run (not built yet: forgetting
-delivered tasks).
+Clients and nodes: a node may declare the client id it holds (property ``client_id``,
+0 .. N-1: a client of the run's partitioned set); a node that declares none is given the
+lowest free id (a node with its own data). One node per client id; a node that registers
+again keeps its id. Registration tells the node its id and the run's config (JSON), makes
+its client available and wakes an engine that waits for nodes.
+
+Silent nodes: every call of a node counts as a sign of life (an idle node asks for work
+every ``retry_after_s``, a busy one heartbeats every ``heartbeat_interval_s``). The
+watchdog (:meth:`start_watchdog`, or :meth:`check_silent` called by hand) disconnects a
+node silent for ``silent_after_s``: its client is no longer selectable and each of its
+tasks in flight is lost now (its event is scheduled at once and finds no delivery), a
+dropout as when a device goes offline. A node that comes back is told it is not
+registered, registers again by itself and gets new work. A task whose node is gone when
+the engine sends it is lost at once. The task-id map keeps one short entry per task of
+the run (not built yet: forgetting delivered tasks).
 
 Results: a node sends its client update's own tensors (float32), weight and scalars, and
 its client metrics; the engine folds them as the local runtime folds a task. Metrics
@@ -30,6 +38,7 @@ import collections
 import math
 import secrets
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -38,12 +47,13 @@ import torch
 
 from roost.algorithms.base import ClientResult, Payload
 from roost.clock import WallClock
-from roost.deploy.errors import WireError
+from roost.deploy.errors import NotRegistered, WireError
 from roost.deploy.protocol import (
     Ack,
     Answer,
     MidTaskRequest,
     NodeInfo,
+    Registration,
     Result,
     SettingValue,
     TaskSpec,
@@ -143,7 +153,9 @@ class _Pending:
 
 class EngineCoordinator:
     """See the module docstring. ``task_timeout_s``: seconds after dispatch when a task
-    with no result is lost; ``answer_timeout_s``: how long a mid-task request may wait."""
+    with no result is lost; ``answer_timeout_s``: how long a mid-task request may wait;
+    ``silent_after_s``: how long a node may say nothing before the watchdog disconnects
+    it; ``run_config``: the JSON told to every node at registration."""
 
     def __init__(
         self,
@@ -152,22 +164,36 @@ class EngineCoordinator:
         *,
         task_timeout_s: float = 600.0,
         answer_timeout_s: float = 60.0,
+        silent_after_s: float = 30.0,
+        run_config: str = "",
     ) -> None:
+        if silent_after_s <= 0:
+            raise ValueError(f"silent_after_s must be > 0, got {silent_after_s}")
         self.clock = clock
         self.num_clients = num_clients
         self.task_timeout_s = task_timeout_s
         self.answer_timeout_s = answer_timeout_s
+        self.silent_after_s = silent_after_s
+        self.run_config = run_config
         self._lock = threading.Lock()
         self._prefix = secrets.token_hex(4)  # task ids stay unique across server restarts
         self._client_of: dict[str, int] = {}
         self._node_of: dict[int, str] = {}
         self._connected = np.zeros(num_clients, dtype=bool)
         self._queues: dict[str, collections.deque[TaskSpec]] = {}
+        self._tasks_of: dict[str, set[int]] = {}  # node -> keys of its tasks in flight
+        self._last_seen: dict[str, float] = {}  # node -> time.monotonic() of its last call
         self._key_of: dict[str, int] = {}
         self._sizes: dict[int, frozenset[int]] = {}
         self._deliveries: dict[int, Delivery] = {}
         self._pending: dict[int, _Pending] = {}
         self._cancelled: set[int] = set()
+        self._finished = False
+        self._told: set[str] = set()  # nodes told that the run is over
+        self._watchdog: threading.Thread | None = None
+        self._stop_watchdog = threading.Event()
+        self.disconnected: list[str] = []
+        """Nodes the watchdog disconnected, in order (a node may appear more than once)."""
 
     # ---- the engine's side (RemoteFleet)
     def connected(self, num_clients: int) -> np.ndarray:
@@ -193,6 +219,9 @@ class EngineCoordinator:
             node = self._node_of.get(flight.client_id)
             if node is not None:
                 self._queues.setdefault(node, collections.deque()).append(spec)
+                self._tasks_of.setdefault(node, set()).add(flight.key)
+        if node is None:  # its node left since the engine saw it connected: lost now
+            self.clock.schedule(self.clock.now, ("task", flight.key), ARRIVAL)
 
     def answer(self, key: int, payload: Payload) -> None:
         with self._lock:
@@ -204,6 +233,8 @@ class EngineCoordinator:
     def cancel(self, key: int) -> None:
         with self._lock:
             self._cancelled.add(key)
+            for keys in self._tasks_of.values():
+                keys.discard(key)
             for queue in self._queues.values():
                 for spec in list(queue):
                     if self._key_of.get(spec.task_id) == key:
@@ -217,44 +248,127 @@ class EngineCoordinator:
             return self._deliveries.pop(key, None)
 
     def disconnect(self, node_id: str) -> None:
-        """``node_id`` is gone: its client is unavailable until it registers again."""
+        """``node_id`` is gone: its client is unavailable until it registers again, and
+        each of its tasks in flight is lost now."""
         with self._lock:
             client = self._client_of.pop(node_id, None)
             if client is not None:
                 self._node_of.pop(client, None)
                 self._connected[client] = False
             self._queues.pop(node_id, None)
+            self._last_seen.pop(node_id, None)
+            lost = self._tasks_of.pop(node_id, set())
+        for key in sorted(lost):
+            self.clock.schedule(self.clock.now, ("task", key), ARRIVAL)
+
+    def check_silent(self, now: float | None = None) -> list[str]:
+        """Disconnect every node whose last call is ``silent_after_s`` or more before
+        ``now`` (``time.monotonic()`` by default); returns them."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            silent = sorted(
+                n for n, seen in self._last_seen.items() if now - seen >= self.silent_after_s
+            )
+        for node_id in silent:
+            self.disconnect(node_id)
+        self.disconnected += silent
+        return silent
+
+    def start_watchdog(self, every_s: float | None = None) -> None:
+        """Run :meth:`check_silent` every ``every_s`` (a quarter of ``silent_after_s``
+        by default) on a daemon thread until :meth:`close`."""
+        interval = self.silent_after_s / 4 if every_s is None else every_s
+
+        def watch() -> None:
+            while not self._stop_watchdog.wait(interval):
+                self.check_silent()
+
+        self._watchdog = threading.Thread(target=watch, name="roost-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def finish(self) -> None:
+        """The run is over: nodes asking for work are told to stop."""
+        with self._lock:
+            self._finished = True
+
+    def close(self) -> None:
+        """Stop the watchdog."""
+        self._stop_watchdog.set()
+        if self._watchdog is not None:
+            self._watchdog.join()
+
+    def _seen(self, node_id: str) -> None:
+        """Under the lock: ``node_id`` called; NotRegistered if it is not (or no longer)
+        registered, so that it registers again."""
+        if node_id not in self._client_of:
+            raise NotRegistered(
+                f"node {node_id!r} is not registered (it was silent for "
+                f"{self.silent_after_s:g} s, or the server restarted); register"
+            )
+        self._last_seen[node_id] = time.monotonic()
 
     # ---- the network's side (Coordinator)
-    def register(self, node: NodeInfo) -> None:
+    def register(self, node: NodeInfo) -> Registration:
         raw = node.properties.get("client_id")
-        if isinstance(raw, bool) or not isinstance(raw, int):
+        if raw is not None and (isinstance(raw, bool) or not isinstance(raw, int)):
             raise UnknownClient(
-                f"node {node.node_id} must declare the client id it holds as the integer "
-                f"property client_id (0 .. {self.num_clients - 1})"
+                f"node {node.node_id} declares client_id={raw!r}; it must be an integer "
+                f"0 .. {self.num_clients - 1}, or absent (the server assigns one)"
             )
-        if not 0 <= raw < self.num_clients:
+        if raw is not None and not 0 <= raw < self.num_clients:
             raise UnknownClient(
                 f"node {node.node_id} declares client_id={raw}; allowed: 0 .. "
                 f"{self.num_clients - 1}"
             )
         with self._lock:
-            holder = self._node_of.get(raw)
+            client = self._client_of.get(node.node_id) if raw is None else raw
+            if client is None:  # the lowest client id no node holds
+                free = np.flatnonzero(~self._connected)
+                if not len(free):
+                    raise UnknownClient(
+                        f"node {node.node_id}: all {self.num_clients} client ids of this "
+                        "run are held by connected nodes"
+                    )
+                client = int(free[0])
+            holder = self._node_of.get(client)
             if holder is not None and holder != node.node_id:
-                raise UnknownClient(f"client_id={raw} is held by node {holder}")
-            self._client_of[node.node_id] = raw
-            self._node_of[raw] = node.node_id
-            self._connected[raw] = True
+                raise UnknownClient(f"client_id={client} is held by node {holder}")
+            previous = self._client_of.get(node.node_id)
+            if previous is not None and previous != client:  # it now holds another client
+                self._node_of.pop(previous, None)
+                self._connected[previous] = False
+            self._client_of[node.node_id] = client
+            self._node_of[client] = node.node_id
+            self._connected[client] = True
             self._queues.setdefault(node.node_id, collections.deque())
+            self._last_seen[node.node_id] = time.monotonic()
         self.clock.schedule(self.clock.now, ("wake", -1), WAKE)
+        return Registration(client, self.run_config)
+
+    def finished(self) -> bool:
+        with self._lock:
+            return self._finished
 
     def next_task(self, node_id: str) -> TaskSpec | None:
         with self._lock:
+            self._seen(node_id)
             queue = self._queues.get(node_id)
-            return queue.popleft() if queue else None
+            if queue:
+                return queue.popleft()
+            if self._finished:
+                self._told.add(node_id)
+            return None
+
+    def all_told_finished(self) -> bool:
+        """Every connected node has asked for work since :meth:`finish` (and so heard
+        that the run is over)."""
+        with self._lock:
+            return set(self._client_of) <= self._told
 
     def accept_result(self, node_id: str, result: Result) -> Ack:
         with self._lock:
+            if node_id in self._client_of:
+                self._last_seen[node_id] = time.monotonic()
             key = self._key_of.get(result.task_id)
             sizes = self._sizes.get(key) if key is not None else None
             cancelled = key in self._cancelled
@@ -266,11 +380,13 @@ class EngineCoordinator:
         with self._lock:
             self._deliveries[key] = Delivery(client_result, metrics, compute_s)
             self._sizes.pop(key, None)
+            self._tasks_of.get(node_id, set()).discard(key)
         self.clock.schedule(self.clock.now, ("task", key), ARRIVAL)
         return Ack(True)
 
     def answer_request(self, node_id: str, request: MidTaskRequest) -> Answer:
         with self._lock:
+            self._seen(node_id)
             key = self._key_of.get(request.task_id)
             if key is None or key in self._cancelled:
                 raise ResultRefused(f"task {request.task_id} no longer counts")
@@ -286,8 +402,9 @@ class EngineCoordinator:
         return Answer(answer.version, payload_to_wire(answer))
 
     def heartbeat(self, node_id: str, task_id: str | None) -> bool:
-        if task_id is None:
-            return True
         with self._lock:
+            self._seen(node_id)
+            if task_id is None:
+                return True
             key = self._key_of.get(task_id)
             return key is not None and key not in self._cancelled

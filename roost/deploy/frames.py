@@ -28,6 +28,7 @@ from roost.deploy._proto import PROTOCOL_VERSION, pb
 from roost.deploy.errors import MalformedMessage, NonFinite, TooLarge, VersionMismatch
 from roost.deploy.protocol import (
     Answer,
+    NoWork,
     RequestKind,
     Result,
     SettingValue,
@@ -148,9 +149,10 @@ def task_frames(spec: TaskSpec, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Itera
     return _frames(pb.TaskFrame, header, chunks)
 
 
-def no_task_frame(retry_after_s: float) -> bytes:
-    """PullTask's answer when there is no work: ask again after ``retry_after_s``."""
-    no_task = pb.NoTask(retry_after_ms=max(0, round(retry_after_s * 1000)))
+def no_task_frame(retry_after_s: float, finished: bool = False) -> bytes:
+    """PullTask's answer when there is no work: ask again after ``retry_after_s``, or,
+    ``finished``, stop: the run is over."""
+    no_task = pb.NoTask(retry_after_ms=max(0, round(retry_after_s * 1000)), finished=finished)
     return pb.TaskFrame(protocol_version=PROTOCOL_VERSION, no_task=no_task).SerializeToString()
 
 
@@ -182,9 +184,9 @@ def _read_chunks(
     return WireStats(decoder.received_bytes, message_bytes, count)
 
 
-def read_task(frames: Iterable[bytes], limits: Limits | None = None) -> Task | float:
-    """A PullTask answer: the :class:`Task`, or (no work) the seconds to wait before asking
-    again. WireError for anything malformed."""
+def read_task(frames: Iterable[bytes], limits: Limits | None = None) -> Task | NoWork:
+    """A PullTask answer: the :class:`Task`, or :class:`NoWork` (when to ask again, or
+    that the run is over). WireError for anything malformed."""
     it = iter(frames)
     first = next(it, None)
     if first is None:
@@ -192,7 +194,7 @@ def read_task(frames: Iterable[bytes], limits: Limits | None = None) -> Task | f
     frame = parse(pb.TaskFrame, first)
     which = frame.WhichOneof("frame")
     if which == "no_task":
-        return float(frame.no_task.retry_after_ms) / 1000
+        return NoWork(frame.no_task.retry_after_ms / 1000, frame.no_task.finished)
     if which != "header":
         raise MalformedMessage(f"PullTask's first frame is {which}, not a header")
     h = frame.header

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from roost.deploy.coordinator import payload_from_wire, result_to_wire
@@ -26,15 +27,23 @@ from roost.runtime.local import LocalRuntime
 if TYPE_CHECKING:
     from roost.deploy.client import NodeClient
     from roost.deploy.protocol import Task as WireTask
+    from roost.state.base import ClientStateStore
 
 __all__ = ["NodeWorker"]
 
 
 class NodeWorker:
-    """Trains the tasks the server gives ``client`` for client ``client_id``.
+    """Trains the tasks the server gives ``client`` for client ``client_id`` of the run.
 
     ``runtime`` must have been started with a job whose algorithm is ``capture`` (the
-    algorithm wrapped in :class:`CapturingAlgorithm`) and whose dataset has ``client_id``.
+    algorithm wrapped in :class:`CapturingAlgorithm`) and whose dataset holds the node's
+    data as its client ``data_client`` (default: ``client_id``, a client of the run's own
+    partitioned set). While a task trains, the node heartbeats every interval the server
+    gave; if the server says the task no longer counts, its result is not sent.
+
+    ``store`` (the job's client state store), if given, brackets each task as one step
+    (``begin_round``/``commit``, numbered from ``first_step + 1``), and ``on_commit`` is
+    called after each commit (a node on disk records there what it committed).
     """
 
     def __init__(
@@ -43,12 +52,22 @@ class NodeWorker:
         runtime: LocalRuntime,
         capture: CapturingAlgorithm,
         client_id: int,
+        data_client: int | None = None,
+        *,
+        store: ClientStateStore | None = None,
+        first_step: int = 0,
+        on_commit: Callable[[], None] | None = None,
     ) -> None:
         self.client = client
         self.runtime = runtime
         self.capture = capture
         self.client_id = client_id
+        self.data_client = client_id if data_client is None else data_client
+        self.store = store
+        self.step = first_step
+        self.on_commit = on_commit
         self.done = 0
+        self.dropped = 0
         self._keys = 0
 
     def run_one(self, task: WireTask) -> bool:
@@ -60,7 +79,7 @@ class NodeWorker:
             )
         self._keys += 1
         local = Task(
-            self.client_id,
+            self.data_client,
             task.round,
             task.model_version,
             task.seed,
@@ -69,27 +88,41 @@ class NodeWorker:
         )
         payload = payload_from_wire(task.payload, task.model_version)
         start = time.perf_counter()
-        out = self.runtime.execute([local], {payload.version: payload}, 1)
-        while out.requests:
-            answer = self.client.request(task.task_id, RequestKind.FETCH_MODEL)
-            answered = payload_from_wire(answer.tensors, answer.model_version)
-            out = self.runtime.execute([local], {}, 1, answers={local.key: answered})
+        if self.store is not None:
+            self.step += 1
+            self.store.begin_round(self.step)
+        with self.client.keep_alive(task.task_id) as drop:
+            out = self.runtime.execute([local], {payload.version: payload}, 1)
+            while out.requests:
+                answer = self.client.request(task.task_id, RequestKind.FETCH_MODEL)
+                answered = payload_from_wire(answer.tensors, answer.model_version)
+                out = self.runtime.execute([local], {}, 1, answers={local.key: answered})
         compute_s = time.perf_counter() - start
+        if self.store is not None:
+            self.store.commit(self.step)
+            if self.on_commit is not None:
+                self.on_commit()
         result = self.capture.last
         if result is None:
             raise RuntimeError("the algorithm's update returned no plain result")
+        self.done += 1
+        if drop.is_set():  # the server no longer wants it (its round closed)
+            self.dropped += 1
+            return False
         (_, metrics), *_ = out.client_metrics
         ack = self.client.push_result(result_to_wire(task.task_id, result, metrics, compute_s))
-        self.done += 1
         return ack.accepted
 
     def run(self, stop: threading.Event, max_tasks: int | None = None) -> int:
-        """Register, then pull and train tasks until ``stop`` is set (or ``max_tasks``
-        were trained); returns how many were trained."""
-        self.client.register()
+        """Register, then pull and train tasks until ``stop`` is set, the server says the
+        run is over, or ``max_tasks`` were trained; returns how many were trained."""
+        if self.client.server is None:
+            self.client.register()
         while not stop.is_set() and (max_tasks is None or self.done < max_tasks):
             task = self.client.pull_task()
             if task is None:
+                if self.client.finished:
+                    break
                 stop.wait(min(self.client.retry_after_s or 0.05, 1.0))
                 continue
             self.run_one(task)

@@ -22,7 +22,9 @@ __all__ = [
     "Answer",
     "Coordinator",
     "MidTaskRequest",
+    "NoWork",
     "NodeInfo",
+    "Registration",
     "RequestKind",
     "Result",
     "SettingValue",
@@ -63,6 +65,25 @@ class NodeInfo:
     public_key: bytes
     num_examples: int
     properties: Mapping[str, SettingValue] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What a coordinator tells a node that registered: the client id it holds in the run
+    (the one it declared, or one the coordinator assigned) and the run's resolved config as
+    JSON, from which the node builds its algorithm and model ("" when there is none)."""
+
+    client_id: int = 0
+    run_config: str = ""
+
+
+@dataclass(frozen=True)
+class NoWork:
+    """PullTask's answer when there is no task: ask again after ``retry_after_s``; with
+    ``finished`` the run is over and no task will come (the node may stop)."""
+
+    retry_after_s: float
+    finished: bool = False
 
 
 @dataclass(frozen=True)
@@ -153,8 +174,13 @@ class Coordinator(Protocol):
     has not arrived (``heartbeat``'s ``task_id`` may be None: an idle node).
     """
 
-    def register(self, node: NodeInfo) -> None:
-        """A node (re-)registered; raise a WireError to turn it away."""
+    def register(self, node: NodeInfo) -> Registration | None:
+        """A node (re-)registered; raise a WireError to turn it away. What it returns is
+        told to the node (None: nothing, a default :class:`Registration`)."""
+        ...
+
+    def finished(self) -> bool:
+        """True once the run is over: a node asking for work is told to stop."""
         ...
 
     def next_task(self, node_id: str) -> TaskSpec | None:

@@ -52,6 +52,7 @@ from roost.deploy.protocol import (
     Coordinator,
     MidTaskRequest,
     NodeInfo,
+    Registration,
     RequestKind,
     Result,
     WireStats,
@@ -227,16 +228,23 @@ class DeployServicer:
             req.num_examples,
             read_settings(req.properties, "properties"),
         )
-        self.coordinator.register(node)
+        registration = self.coordinator.register(node) or Registration()
         with self._lock:
             self.nodes[node.node_id] = node
-        log.info("node %r registered (%d examples)", node.node_id, node.num_examples)
+        log.info(
+            "node %r registered (%d examples), client %d",
+            node.node_id,
+            node.num_examples,
+            registration.client_id,
+        )
         cfg = self.config
         return pb.RegisterReply(
             protocol_version=PROTOCOL_VERSION,
             heartbeat_interval_ms=round(cfg.heartbeat_interval_s * 1000),
             max_message_bytes=cfg.max_message_bytes,
             chunk_bytes=cfg.chunk_bytes,
+            client_id=registration.client_id,
+            run_config_json=registration.run_config,
         ).SerializeToString()
 
     def pull_task(self, raw: bytes, context: Any) -> Iterator[bytes]:
@@ -245,7 +253,7 @@ class DeployServicer:
         self._check_node(caller, req.node_id)
         spec = self.coordinator.next_task(caller.node_id)
         if spec is None:
-            yield no_task_frame(self.config.retry_after_s)
+            yield no_task_frame(self.config.retry_after_s, self.coordinator.finished())
             return
         frames = task_frames(spec, self.config.chunk_bytes)  # checks the spec first
         self.tasks.give(spec.task_id, caller.node_id, spec.result_spec)

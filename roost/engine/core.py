@@ -38,7 +38,7 @@ import torch
 
 from roost.algorithms.asynchronous import Arrival, AsyncStrategy
 from roost.algorithms.base import Algorithm, Contribution, Payload, Strategy
-from roost.clock import Event, VirtualClock
+from roost.clock import Event, VirtualClock, WallClock
 from roost.config import RunConfig
 from roost.data.base import FederatedDataset
 from roost.engine.flight import Computed, Flight, FlightTable
@@ -498,7 +498,8 @@ class Engine:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.clock = type(self.clock)(float(state["virtual_time_s"]))  # a wall clock stays one
+        if not isinstance(self.clock, WallClock):  # a wall clock keeps the wall's time
+            self.clock = VirtualClock(float(state["virtual_time_s"]))
         self.dispatches = state["dispatches"].numpy().astype(np.int64).copy()
         self.flights = FlightTable.from_state_dict(state["flights"])
         self.busy[:] = False

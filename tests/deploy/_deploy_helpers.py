@@ -54,6 +54,9 @@ class RecordingCoordinator:
         with self.lock:
             self.registered.append(node)
 
+    def finished(self) -> bool:
+        return False
+
     def next_task(self, node_id: str) -> TaskSpec | None:
         with self.lock:
             self.pulls.append(node_id)

@@ -1,0 +1,178 @@
+"""``roost serve`` and ``roost node`` (issue 9, item 1): a served run is the simulated run
+with its tasks trained by nodes, keeping the same run directory; nodes get the run's config
+at registration, hold their own data and state, and stop when the run is over.
+
+Everything runs in this process on loopback with TLS (a ``roost keys`` federation): the
+server's :func:`serve` on a thread, each node's :func:`run_node` on its own thread with its
+own key and channel (tests/deploy/_serving.py).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("grpc")
+pytest.importorskip("cryptography")
+
+import torch
+from _serving import SMALL, federation, start_nodes, start_server
+
+from roost.registry import ConfigError
+from roost.runner import run
+from roost.track.rundir import RunDir
+
+
+def _params(out: Path) -> torch.Tensor:
+    return RunDir(out).load_checkpoint()["strategy"]["params"]
+
+
+def _records(out: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_served_fedavg_run_is_the_simulated_run(tmp_path: Path) -> None:
+    """3 rounds of FedAvg on 4 digits clients, all selected every round. The server assigns
+    client ids in registration order (lowest free first) and each node trains its client of
+    the run's partitioned set, so every task is the simulation's task (same payload, data,
+    seed): the final model agrees to 1e-6 (both fold in float64; only the order of the
+    four sums differs), the accuracies are equal to 1e-9, and the run directory has what a
+    simulated run's has (config, 3 metric lines, checkpoint, summary 'completed')."""
+    keys = federation(tmp_path / "keys", 4)
+    sim = tmp_path / "sim"
+    run(SMALL, sim)
+    served = start_server(SMALL, tmp_path / "served", keys)
+    threads, trained = start_nodes(served.address, keys, range(4))
+    history = served.join(120, trained)
+    for t in threads:
+        t.join(30)
+    assert trained == {0: 3, 1: 3, 2: 3, 3: 3}  # each node: one task per round, then stops
+    assert [r["clients"] for r in history.records] == [4, 4, 4]
+    got, want = _records(tmp_path / "served"), _records(sim)
+    assert [r["round"] for r in got] == [1, 2, 3]
+    for g, w in zip(got, want, strict=True):
+        assert g["accuracy"] == pytest.approx(w["accuracy"], abs=1e-9)
+        assert g["train_loss"] == pytest.approx(w["train_loss"], abs=1e-6)
+    diff = (_params(tmp_path / "served") - _params(sim)).abs().max().item()
+    assert diff <= 1e-6, diff
+    summary = json.loads((tmp_path / "served" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds"] == 3
+    assert (tmp_path / "served" / "config.json").exists()
+
+
+def test_a_node_with_its_own_data_is_given_a_free_client_id(tmp_path: Path) -> None:
+    """Two nodes on a 2-client run: node 0 declares client 1 of the run's data
+    (``client_id``), node 1 brings its own data (``clients=1``: the whole digits training
+    set as its client 0) and is given the id left, 0. FedAvg weights each result by its
+    examples: the own-data node's 1,437 (digits' 80% training split) against client 1's
+    half of them. The run finishes its 2 rounds with both nodes in each."""
+    keys = federation(tmp_path / "keys", 2)
+    tree = {**SMALL, "clients": 2, "clients_per_round": 2, "rounds": 2}
+    served = start_server(tree, tmp_path / "served", keys)
+    threads, trained = start_nodes(
+        served.address,
+        keys,
+        [0],
+        lambda i: {"client_id": 1},
+    )
+    time.sleep(0.2)  # node 0 holds client 1 before the other asks for a free one
+    more, trained_own = start_nodes(served.address, keys, [1], lambda i: {"overrides": ("clients=1",)})
+    history = served.join(120, trained, trained_own)
+    for t in threads + more:
+        t.join(30)
+    assert trained == {0: 2} and trained_own == {1: 2}
+    assert [r["clients"] for r in history.records] == [2, 2]
+    assert history.final["accuracy"] > 0.5  # digits' 10 classes: 0.1 is chance
+
+
+def test_a_node_may_set_only_its_data(tmp_path: Path) -> None:
+    """A node override outside data, partition, clients and threads is refused before the
+    node connects, naming what a node may set."""
+    from roost.deployment import NodeOptions, run_node
+
+    keys = federation(tmp_path / "keys", 1)
+    options = NodeOptions(
+        server="127.0.0.1:1", key=keys / "nodes" / "node-0", overrides=("algorithm.lr=9",)
+    )
+    with pytest.raises(ConfigError, match=r"algorithm.lr=9: a node may set only its own data"):
+        run_node(options)
+
+
+def test_a_stateful_algorithm_keeps_its_state_on_the_nodes(tmp_path: Path) -> None:
+    """SCAFFOLD's client control variates live on the nodes (``state_dir``, on disk), not
+    on the server: served with 4 nodes it ends on the simulated model (to 1e-5: the
+    control variates are float32 on both sides, folded in float64), and each node's
+    directory holds its client state file and the record of its 3 committed tasks."""
+    keys = federation(tmp_path / "keys", 4)
+    tree = {**SMALL, "algorithm": {"name": "scaffold", "lr": 0.1, "batch_size": 10}}
+    sim = tmp_path / "sim"
+    run(tree, sim)
+    served = start_server(tree, tmp_path / "served", keys)
+    threads, trained = start_nodes(
+        served.address,
+        keys,
+        range(4),
+        lambda i: {"client_id": i, "state_dir": tmp_path / f"state-{i}"},
+    )
+    served.join(120, trained)
+    for t in threads:
+        t.join(30)
+    assert trained == {0: 3, 1: 3, 2: 3, 3: 3}
+    diff = (_params(tmp_path / "served") - _params(sim)).abs().max().item()
+    assert diff <= 1e-5, diff
+    for i in range(4):
+        record = json.loads((tmp_path / f"state-{i}" / "node_state.json").read_text())
+        assert record["round"] == 3  # one committed step per task
+        assert (tmp_path / f"state-{i}" / record["file"]).stat().st_size > 0
+
+
+def test_a_silent_node_becomes_a_dropout_and_gets_work_when_it_comes_back(
+    tmp_path: Path,
+) -> None:
+    """4 nodes, all 4 clients in each of 3 rounds. One node takes its round-1 task and
+    then says nothing (no heartbeat: a frozen device) for 2 s; the watchdog (silent after
+    3 heartbeats of 0.1 s) disconnects it, its task is lost, and round 1 closes with the
+    3 results that came (1 offline). The node then comes back: told it is not registered,
+    it registers again by itself and trains rounds 2 and 3 like the others."""
+    from roost.deploy.auth import NodeKey
+    from roost.deploy.client import NodeClient
+    from roost.deploy.tls import ClientTls
+
+    keys = federation(tmp_path / "keys", 4)
+    served = start_server(SMALL, tmp_path / "served", keys, heartbeat_s=0.1, retry_after_s=0.05)
+    threads, trained = start_nodes(served.address, keys, range(3), lambda i: {"client_id": i})
+    frozen = NodeClient(
+        served.address,
+        NodeKey.load(keys / "nodes" / "node-3"),
+        tls=ClientTls(keys / "ca.pem"),
+        properties={"client_id": 3},
+    )
+    frozen.register()
+    task = None
+    while task is None:
+        task = frozen.pull_task()
+        time.sleep(0.02)
+    assert task.round == 1
+    time.sleep(2.0)  # frozen: no call at all
+    from roost.deployment import NodeOptions, run_node
+
+    came_back: dict[str, int] = {}
+    thread = threading.Thread(
+        target=lambda: came_back.update(
+            n=run_node(NodeOptions(served.address, keys / "nodes" / "node-3", client_id=3))
+        )
+    )
+    thread.start()
+    history = served.join(120, trained)
+    for t in [*threads, thread]:
+        t.join(30)
+    frozen.close()
+    records = history.records
+    assert [r["clients"] for r in records] == [3, 4, 4]
+    assert records[0]["offline"] == 1
+    assert came_back == {"n": 2}
+    assert trained == {0: 3, 1: 3, 2: 3}
