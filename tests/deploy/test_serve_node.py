@@ -80,7 +80,9 @@ def test_a_node_with_its_own_data_is_given_a_free_client_id(tmp_path: Path) -> N
         lambda i: {"client_id": 1},
     )
     time.sleep(0.2)  # node 0 holds client 1 before the other asks for a free one
-    more, trained_own = start_nodes(served.address, keys, [1], lambda i: {"overrides": ("clients=1",)})
+    more, trained_own = start_nodes(
+        served.address, keys, [1], lambda i: {"overrides": ("clients=1",)}
+    )
     history = served.join(120, trained, trained_own)
     for t in threads + more:
         t.join(30)
