@@ -69,7 +69,9 @@ class ServeOptions:
     lost; ``heartbeat_s``: how often a busy node heartbeats; ``silent_after_s``: a node
     silent that long is disconnected and its tasks are lost (default: 3 heartbeats);
     ``retry_after_s``: how soon an idle node asks again for work; ``finish_grace_s``: how
-    long the server waits after the run for every connected node to hear that it is over.
+    long the server waits after the run for every connected node to hear that it is over;
+    ``min_nodes``: the run starts only once that many nodes are connected (the run's own
+    policies wait for as many as their first round or their concurrency needs).
     """
 
     address: str
@@ -82,6 +84,7 @@ class ServeOptions:
     silent_after_s: float | None = None
     retry_after_s: float = 1.0
     finish_grace_s: float = 10.0
+    min_nodes: int = 0
 
 
 def _serve_remote(
@@ -133,6 +136,8 @@ def _serve_remote(
         try:
             if on_ready is not None:
                 on_ready(server.address)
+            while coordinator.connected(num_clients).sum() < options.min_nodes:
+                time.sleep(0.02)
             yield coordinator
         finally:
             coordinator.finish()

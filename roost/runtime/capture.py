@@ -10,7 +10,8 @@ local runtime would have.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import inspect
+from collections.abc import Collection, Generator
 from typing import Any
 
 import torch
@@ -21,8 +22,9 @@ __all__ = ["CapturingAlgorithm"]
 
 
 class CapturingAlgorithm:
-    """The job's algorithm, keeping the last result a plain update returned (None after
-    a generator procedure's step that did not finish).
+    """The job's algorithm, keeping the last result an update returned: a plain update's,
+    or, when not ``streaming``, the one a generator procedure returned at its end (None
+    while it is suspended at a request).
 
     While ``streaming``, a result whose tensors all have a dtype in ``strippable``
     reaches the local runtime without them, so that it folds only the weight and the
@@ -41,9 +43,19 @@ class CapturingAlgorithm:
         out = self.algorithm.update(*args)
         if not isinstance(out, UpdateOutput):
             self.last = None
+            if inspect.isgenerator(out) and not self.streaming:
+                return self._capturing(out)  # a procedure: its final result is kept
             return out
         self.last = result = out.result
         strippable = self._strippable
         if self.streaming and all(t.dtype in strippable for t in result.tensors.values()):
             return out._replace(result=ClientResult({}, result.weight, result.scalars))
+        return out
+
+    def _capturing(self, procedure: Generator[Any, Any, Any]) -> Generator[Any, Any, Any]:
+        """``procedure`` as it is (its requests and answers pass through), keeping the
+        result it returns in :attr:`last`."""
+        out = yield from procedure
+        if isinstance(out, UpdateOutput):
+            self.last = out.result
         return out
