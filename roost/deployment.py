@@ -37,9 +37,10 @@ from roost.config import ResolvedConfig, apply_overrides, resolve
 from roost.engine import History
 from roost.engine.remote import RemoteFleet
 from roost.registry import ConfigError
+from roost.runner import RemoteFactory
 
 if TYPE_CHECKING:
-    from roost.deploy.client import NodeClient
+    from roost.deploy.client import ClientConfig, NodeClient
     from roost.deploy.node import NodeWorker
 
 __all__ = [
@@ -88,11 +89,12 @@ class ServeOptions:
 
 
 def _serve_remote(
-    options: ServeOptions, on_ready: Callable[[str], None] | None
-) -> Callable[[WallClock, int, ResolvedConfig], contextlib.AbstractContextManager[RemoteFleet]]:
-    """The :data:`~roost.runner.RemoteFactory` of ``roost serve``."""
+    options: ServeOptions, out: Path, on_ready: Callable[[str], None] | None
+) -> RemoteFactory:
+    """The :data:`~roost.runner.RemoteFactory` of ``roost serve``: the journal in ``out``."""
     from roost.deploy.auth import AllowList, Verifier
     from roost.deploy.coordinator import EngineCoordinator
+    from roost.deploy.journal import JOURNAL_FILE, Journal
     from roost.deploy.server import DeployServer, ServerConfig
     from roost.deploy.tls import ServerTls
 
@@ -120,13 +122,18 @@ def _serve_remote(
     )
 
     @contextlib.contextmanager
-    def fleet(clock: WallClock, num_clients: int, cfg: ResolvedConfig) -> Iterator[RemoteFleet]:
+    def fleet(
+        clock: WallClock, num_clients: int, cfg: ResolvedConfig, resumed_step: int | None
+    ) -> Iterator[RemoteFleet]:
+        journal = Journal(out / JOURNAL_FILE)
         coordinator = EngineCoordinator(
             clock,
             num_clients,
             task_timeout_s=options.task_timeout_s,
             silent_after_s=silent_after,
             run_config=json.dumps(cfg.to_dict()),
+            journal=journal,
+            replay_step=resumed_step,
         )
         server = DeployServer(
             coordinator, Verifier(allowed), address=options.address, tls=tls, config=server_config
@@ -136,7 +143,7 @@ def _serve_remote(
         try:
             if on_ready is not None:
                 on_ready(server.address)
-            while coordinator.connected(num_clients).sum() < options.min_nodes:
+            while coordinator.num_connected() < options.min_nodes:
                 time.sleep(0.02)
             yield coordinator
         finally:
@@ -146,6 +153,7 @@ def _serve_remote(
                 time.sleep(0.05)
             server.stop(1.0)
             coordinator.close()
+            journal.close()
 
     return fleet
 
@@ -164,7 +172,7 @@ def serve(
     from roost.runner import resume as resume_run
     from roost.runner import run
 
-    remote = _serve_remote(options, on_ready)
+    remote = _serve_remote(options, Path(out), on_ready)
     if resume:
         return resume_run(out, progress=progress, remote=remote)
     assert cfg is not None
@@ -197,6 +205,8 @@ class NodeOptions:
     overrides: tuple[str, ...] = ()
     state_dir: Path | None = None
     max_tasks: int | None = None
+    client_config: ClientConfig | None = None
+    """Timeouts and the backoff of reconnection (default: :class:`ClientConfig`'s)."""
 
 
 NODE_STATE_FILE = "node_state.json"
@@ -235,8 +245,12 @@ def run_node(options: NodeOptions, stop: threading.Event | None = None) -> int:
         else:
             tls = ClientTls(ca)
     declared = options.client_id if not options.overrides else None
-    properties: dict[str, Any] = {} if declared is None else {"client_id": declared}
-    client = NodeClient(options.server, key, tls=tls, properties=properties)
+    properties: dict[str, Any] = {"ready": False}  # the config first; work once built
+    if declared is not None:
+        properties["client_id"] = declared
+    client = NodeClient(
+        options.server, key, tls=tls, properties=properties, config=options.client_config
+    )
     try:
         info = client.register()
         if not info.run_config:
@@ -249,7 +263,9 @@ def run_node(options: NodeOptions, stop: threading.Event | None = None) -> int:
             client, cfg, info.client_id, data_client, options.state_dir
         )
         client.num_examples = num_examples
-        client.register()  # again, now with the size of its data (the server keeps its id)
+        # it keeps this client id when it registers again (after a restart of the server)
+        client.properties = {"client_id": info.client_id}
+        client.register()  # again, ready, with the size of its data
         log.info("node %s holds client %d of the run", key.node_id, info.client_id)
         return worker.run(stop or threading.Event(), options.max_tasks)
     finally:

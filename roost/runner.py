@@ -42,9 +42,12 @@ __all__ = ["RemoteFactory", "describe_run", "pacing_note", "resume", "run", "sum
 
 CHECKPOINT_FORMAT = 3
 
-RemoteFactory = Callable[[WallClock, int, ResolvedConfig], AbstractContextManager[RemoteFleet]]
+RemoteFactory = Callable[
+    [WallClock, int, ResolvedConfig, "int | None"], AbstractContextManager[RemoteFleet]
+]
 """A deployment's nodes, for :func:`run` and :func:`resume` with ``remote``: called with
-the run's wall clock, its number of clients and its config, it returns a context manager
+the run's wall clock, its number of clients, its config and (resumed) the step of the
+checkpoint it continues from, it returns a context manager
 that yields the :class:`~roost.engine.remote.RemoteFleet` (``roost serve``: the gRPC
 server, started on entry, told the run is over and stopped on exit)."""
 
@@ -64,7 +67,10 @@ class _Checkpointer:
 
     def __call__(self, record: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
         self.rundir.append_metrics(record)
-        if time.monotonic() - self.saved_at < self.every_s:
+        remote = self.engine.remote
+        if time.monotonic() - self.saved_at < self.every_s or (
+            remote is not None and remote.replaying()  # the journal still holds the truth
+        ):
             self.pending = record
             return False, {}
         self.save(record)
@@ -96,6 +102,8 @@ class _Checkpointer:
             }
         )
         self.rundir.prune_snapshots(set(snapshots))
+        if self.engine.remote is not None:  # its journal now follows this checkpoint
+            self.engine.remote.checkpointed(record["round"], sorted(self.engine.flights.flights))
 
 
 def _as_resolved(config: ResolvedConfig | Mapping[str, Any]) -> ResolvedConfig:
@@ -252,7 +260,8 @@ def _execute_run(
             )
         start_s = float(checkpoint["virtual_time_s"]) if checkpoint is not None else 0.0
         clock = WallClock(start_s)
-        fleet = stack.enter_context(remote(clock, dataset.num_clients, cfg))
+        step = int(checkpoint["round"]) if checkpoint is not None else None
+        fleet = stack.enter_context(remote(clock, dataset.num_clients, cfg, step))
         system = ConnectedNodes(fleet, dataset.num_clients)
     engine = Engine(
         run=rc,
@@ -305,6 +314,12 @@ def _execute_run(
         if note:
             print(f"roost: note: {note}", file=sys.stderr)
         engine.callbacks.append(ProgressBar(rc.rounds))
+    if checkpointer is not None and fleet is not None and checkpoint is None:
+        # deployed: the state before round 1 too, so that a server killed in round 1
+        # resumes (its journal then replays from step 0)
+        checkpointer.save(
+            {"round": 0, "virtual_time_s": clock.now if clock else 0.0, "wall_time_s": 0.0}
+        )
     try:
         if not finished:  # a finished run resumed starts no processes
             worker_parts = WorkerParts(cfg.to_dict())

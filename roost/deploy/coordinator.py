@@ -14,7 +14,9 @@ Clients and nodes: a node may declare the client id it holds (property ``client_
 0 .. N-1: a client of the run's partitioned set); a node that declares none is given the
 lowest free id (a node with its own data). One node per client id; a node that registers
 again keeps its id. Registration tells the node its id and the run's config (JSON), makes
-its client available and wakes an engine that waits for nodes.
+its client available and wakes an engine that waits for nodes; a registration with the
+property ``ready=False`` only reserves the id and fetches the config (a node then builds
+its data, silent, and registers again to take work).
 
 Silent nodes: every call of a node counts as a sign of life (an idle node asks for work
 every ``retry_after_s``, a busy one heartbeats every ``heartbeat_interval_s``). The
@@ -25,6 +27,16 @@ dropout as when a device goes offline. A node that comes back is told it is not
 registered, registers again by itself and gets new work. A task whose node is gone when
 the engine sends it is lost at once. The task-id map keeps one short entry per task of
 the run (not built yet: forgetting delivered tasks).
+
+Persistence (with a :class:`~roost.deploy.journal.Journal`): every accepted result is
+journaled before its Ack, and every event the engine consumes (and every change of the
+connected set it saw) is logged. Resumed from the checkpoint of step ``s``
+(``replay_step``), the coordinator first replays: it answers the engine's queries and
+events from the journal, so the engine re-makes exactly the decisions it made before the
+restart, while every node is told to retry (UNAVAILABLE). When the log is exhausted, the
+tasks in flight are settled: those whose result was accepted before the restart are
+delivered from the journal (each accepted update is applied exactly once), the others
+wait for their client's node to register again and are sent to it under the same task id.
 
 Results: a node sends its client update's own tensors (float32), weight and scalars, and
 its client metrics; the engine folds them as the local runtime folds a task. Metrics
@@ -47,7 +59,8 @@ import torch
 
 from roost.algorithms.base import ClientResult, Payload
 from roost.clock import WallClock
-from roost.deploy.errors import NotRegistered, WireError
+from roost.deploy.errors import NotRegistered, Resuming, WireError
+from roost.deploy.journal import Journal, LoggedEvent
 from roost.deploy.protocol import (
     Ack,
     Answer,
@@ -166,6 +179,8 @@ class EngineCoordinator:
         answer_timeout_s: float = 60.0,
         silent_after_s: float = 30.0,
         run_config: str = "",
+        journal: Journal | None = None,
+        replay_step: int | None = None,
     ) -> None:
         if silent_after_s <= 0:
             raise ValueError(f"silent_after_s must be > 0, got {silent_after_s}")
@@ -176,7 +191,23 @@ class EngineCoordinator:
         self.silent_after_s = silent_after_s
         self.run_config = run_config
         self._lock = threading.Lock()
-        self._prefix = secrets.token_hex(4)  # task ids stay unique across server restarts
+        self.journal = journal
+        # task ids are unique in the run and, journaled, the same across restarts
+        self._prefix = journal.task_prefix() if journal is not None else secrets.token_hex(4)
+        self._replay: collections.deque[LoggedEvent] = collections.deque()
+        self._replay_connected: collections.deque[tuple[int, np.ndarray]] = collections.deque()
+        self._replaying = False
+        self._current: LoggedEvent | None = None  # the replayed event being applied
+        self._queries = 0  # the engine's connected() queries since the checkpoint
+        self._last_mask: np.ndarray | None = None
+        self._specs: dict[int, TaskSpec] = {}  # replay: task key -> spec, settled at the end
+        self._orphans: dict[int, list[TaskSpec]] = {}  # client -> tasks waiting for its node
+        if journal is not None:
+            journal.after_step = replay_step or 0
+        if journal is not None and replay_step is not None:
+            self._replay.extend(journal.events(replay_step))
+            self._replay_connected.extend(journal.connected(replay_step))
+            self._replaying = True
         self._client_of: dict[str, int] = {}
         self._node_of: dict[int, str] = {}
         self._connected = np.zeros(num_clients, dtype=bool)
@@ -197,8 +228,81 @@ class EngineCoordinator:
 
     # ---- the engine's side (RemoteFleet)
     def connected(self, num_clients: int) -> np.ndarray:
+        """The engine's query (journaled, and answered from the journal in replay)."""
         with self._lock:
-            return self._connected[:num_clients].copy()
+            query = self._queries
+            self._queries += 1
+            if self._replaying:
+                while self._replay_connected and self._replay_connected[0][0] <= query:
+                    self._last_mask = self._replay_connected.popleft()[1]
+                mask = self._last_mask
+                if mask is None:
+                    mask = np.zeros(self.num_clients, dtype=bool)
+                return mask[:num_clients].copy()
+            mask = self._connected[:num_clients].copy()
+            if self.journal is not None and (
+                self._last_mask is None or not np.array_equal(mask, self._last_mask)
+            ):
+                self.journal.add_connected(query, mask)
+                self._last_mask = mask
+            return mask
+
+    def num_connected(self) -> int:
+        """How many clients have a node now (not an engine query: not journaled)."""
+        with self._lock:
+            return int(self._connected.sum())
+
+    # ---- replay and the journal (the engine's side)
+    def replay_next(self) -> tuple[str, int] | None:
+        """The next journaled event for the engine to consume, or None: the replay is
+        over (then the tasks in flight are settled, and nodes are served again)."""
+        with self._lock:
+            if not self._replaying:
+                return None
+            if self._replay:
+                self._current = self._replay.popleft()
+                return self._current.kind, self._current.key
+            self._replaying = False
+            self._current = None
+            self._last_mask = None  # the live mask is logged at the next query
+            specs, self._specs = self._specs, {}
+        self._settle(specs)
+        return None
+
+    def replaying(self) -> bool:
+        with self._lock:
+            return self._replaying
+
+    def consumed(self, kind: str, key: int, delivered: bool) -> None:
+        """The engine consumed this event (journaled, live only)."""
+        if self.journal is None or self._replaying:
+            return
+        task_id = f"{self._prefix}-{key}" if kind == "task" and delivered else None
+        self.journal.add_event(LoggedEvent(kind, key, task_id))
+
+    def checkpointed(self, step: int, in_flight: list[int]) -> None:
+        """A checkpoint of ``step`` is on disk with the tasks ``in_flight``."""
+        if self.journal is not None:
+            self.journal.checkpointed(step, [f"{self._prefix}-{k}" for k in in_flight])
+            with self._lock:
+                self._queries, self._last_mask = 0, None
+
+    def _settle(self, specs: dict[int, TaskSpec]) -> None:
+        """After the replay: deliver from the journal what was accepted before the
+        restart; keep the rest for their client's node."""
+        for key, spec in sorted(specs.items()):
+            delivery = self.journal.result(spec.task_id) if self.journal is not None else None
+            with self._lock:
+                if key in self._cancelled:
+                    continue
+                if delivery is not None:
+                    self._deliveries[key] = delivery
+                    self._sizes.pop(key, None)
+                else:
+                    self._orphans.setdefault(spec.client_id, []).append(spec)
+            if delivery is not None:
+                self.clock.schedule(self.clock.now, ("task", key), ARRIVAL)
+        self.clock.schedule(self.clock.now, ("wake", -1), WAKE)
 
     def send(self, flight: Flight, payload: Payload) -> None:
         task_id = f"{self._prefix}-{flight.key}"
@@ -216,6 +320,9 @@ class EngineCoordinator:
         with self._lock:
             self._key_of[task_id] = flight.key
             self._sizes[flight.key] = sizes
+            if self._replaying:  # settled when the replay ends
+                self._specs[flight.key] = spec
+                return
             node = self._node_of.get(flight.client_id)
             if node is not None:
                 self._queues.setdefault(node, collections.deque()).append(spec)
@@ -233,8 +340,11 @@ class EngineCoordinator:
     def cancel(self, key: int) -> None:
         with self._lock:
             self._cancelled.add(key)
+            self._specs.pop(key, None)
             for keys in self._tasks_of.values():
                 keys.discard(key)
+            for waiting in self._orphans.values():
+                waiting[:] = [t for t in waiting if self._key_of.get(t.task_id) != key]
             for queue in self._queues.values():
                 for spec in list(queue):
                     if self._key_of.get(spec.task_id) == key:
@@ -245,6 +355,18 @@ class EngineCoordinator:
 
     def take(self, key: int) -> Delivery | None:
         with self._lock:
+            current = self._current
+            if self._replaying and current is not None and current.key == key:
+                self._specs.pop(key, None)  # delivered or lost in the replay: settled
+                if current.task_id is None or self.journal is None:
+                    return None
+                found = self.journal.result(current.task_id)
+                if found is None:
+                    raise RuntimeError(
+                        f"{self.journal.path}: the journal delivers task {current.task_id} "
+                        "but holds no result for it"
+                    )
+                return found
             return self._deliveries.pop(key, None)
 
     def disconnect(self, node_id: str) -> None:
@@ -300,6 +422,7 @@ class EngineCoordinator:
     def _seen(self, node_id: str) -> None:
         """Under the lock: ``node_id`` called; NotRegistered if it is not (or no longer)
         registered, so that it registers again."""
+        self._serving()
         if node_id not in self._client_of:
             raise NotRegistered(
                 f"node {node_id!r} is not registered (it was silent for "
@@ -308,7 +431,15 @@ class EngineCoordinator:
         self._last_seen[node_id] = time.monotonic()
 
     # ---- the network's side (Coordinator)
+    def _serving(self) -> None:
+        """Under the lock: refuse nodes while the journal is replayed."""
+        if self._replaying:
+            raise Resuming("the server is resuming its run; retry in a moment")
+
     def register(self, node: NodeInfo) -> Registration:
+        with self._lock:
+            self._serving()
+        ready = node.properties.get("ready", True)
         raw = node.properties.get("client_id")
         if raw is not None and (isinstance(raw, bool) or not isinstance(raw, int)):
             raise UnknownClient(
@@ -322,8 +453,10 @@ class EngineCoordinator:
             )
         with self._lock:
             client = self._client_of.get(node.node_id) if raw is None else raw
-            if client is None:  # the lowest client id no node holds
-                free = np.flatnonzero(~self._connected)
+            if client is None:  # the lowest client id no node holds (or reserved)
+                held = np.zeros(self.num_clients, dtype=bool)
+                held[list(self._node_of)] = True
+                free = np.flatnonzero(~held)
                 if not len(free):
                     raise UnknownClient(
                         f"node {node.node_id}: all {self.num_clients} client ids of this "
@@ -339,8 +472,13 @@ class EngineCoordinator:
                 self._connected[previous] = False
             self._client_of[node.node_id] = client
             self._node_of[client] = node.node_id
+            if ready is False:  # the id is the node's, but it takes no work yet
+                return Registration(client, self.run_config)
             self._connected[client] = True
-            self._queues.setdefault(node.node_id, collections.deque())
+            queue = self._queues.setdefault(node.node_id, collections.deque())
+            for spec in self._orphans.pop(client, []):  # sent before a restart: again
+                queue.append(spec)
+                self._tasks_of.setdefault(node.node_id, set()).add(self._key_of[spec.task_id])
             self._last_seen[node.node_id] = time.monotonic()
         self.clock.schedule(self.clock.now, ("wake", -1), WAKE)
         return Registration(client, self.run_config)
@@ -367,6 +505,7 @@ class EngineCoordinator:
 
     def accept_result(self, node_id: str, result: Result) -> Ack:
         with self._lock:
+            self._serving()
             if node_id in self._client_of:
                 self._last_seen[node_id] = time.monotonic()
             key = self._key_of.get(result.task_id)
@@ -377,8 +516,11 @@ class EngineCoordinator:
         if cancelled:
             return Ack(False, f"task {result.task_id} no longer counts (its round closed)")
         client_result, metrics, compute_s = result_from_wire(result, sizes)
+        delivery = Delivery(client_result, metrics, compute_s)
+        if self.journal is not None:  # durable before the node hears it was accepted
+            self.journal.add_result(result.task_id, delivery)
         with self._lock:
-            self._deliveries[key] = Delivery(client_result, metrics, compute_s)
+            self._deliveries[key] = delivery
             self._sizes.pop(key, None)
             self._tasks_of.get(node_id, set()).discard(key)
         self.clock.schedule(self.clock.now, ("task", key), ARRIVAL)

@@ -86,6 +86,12 @@ class VersionMismatch(WireError):
     code = "FAILED_PRECONDITION"
 
 
+class Resuming(WireError):
+    """The server is replaying its journal after a restart: retry shortly."""
+
+    code = "UNAVAILABLE"
+
+
 class NotRegistered(WireError):
     """A request from a node that has not registered (again) since the server started."""
 

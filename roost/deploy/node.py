@@ -13,13 +13,16 @@ runtime would.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from roost.deploy.client import RemoteRefusal
 from roost.deploy.coordinator import payload_from_wire, result_to_wire
 from roost.deploy.protocol import RequestKind
+from roost.deploy.protocol import Result as WireResult
 from roost.runtime.base import Task
 from roost.runtime.capture import CapturingAlgorithm
 from roost.runtime.local import LocalRuntime
@@ -30,6 +33,8 @@ if TYPE_CHECKING:
     from roost.state.base import ClientStateStore
 
 __all__ = ["NodeWorker"]
+
+log = logging.getLogger("roost.deploy")
 
 
 class NodeWorker:
@@ -69,14 +74,23 @@ class NodeWorker:
         self.done = 0
         self.dropped = 0
         self._keys = 0
+        self._kept: tuple[tuple[str, int, int, int], WireResult] | None = None
 
     def run_one(self, task: WireTask) -> bool:
-        """Train one task and push its result; True if the server accepted it."""
+        """Train one task and push its result; True if the server accepted it.
+
+        A task the server sends again (the same id, version and seed: it restarted before
+        it accepted the result) is not trained again: the result kept from the first time
+        is sent, so the client's state advances once per task. A refusal of the result or
+        of a mid-task request (the task no longer counts) drops the task."""
         if task.client_id != self.client_id:
             raise ValueError(
                 f"the server sent a task of client {task.client_id} to the node of client "
                 f"{self.client_id}"
             )
+        identity = (task.task_id, task.model_version, task.seed, task.round)
+        if self._kept is not None and self._kept[0] == identity:
+            return self._push(task.task_id, self._kept[1])
         self._keys += 1
         local = Task(
             self.data_client,
@@ -91,17 +105,24 @@ class NodeWorker:
         if self.store is not None:
             self.step += 1
             self.store.begin_round(self.step)
-        with self.client.keep_alive(task.task_id) as drop:
-            out = self.runtime.execute([local], {payload.version: payload}, 1)
-            while out.requests:
-                answer = self.client.request(task.task_id, RequestKind.FETCH_MODEL)
-                answered = payload_from_wire(answer.tensors, answer.model_version)
-                out = self.runtime.execute([local], {}, 1, answers={local.key: answered})
+        try:
+            with self.client.keep_alive(task.task_id) as drop:
+                out = self.runtime.execute([local], {payload.version: payload}, 1)
+                while out.requests:
+                    answer = self.client.request(task.task_id, RequestKind.FETCH_MODEL)
+                    answered = payload_from_wire(answer.tensors, answer.model_version)
+                    out = self.runtime.execute([local], {}, 1, answers={local.key: answered})
+        except RemoteRefusal as e:  # a mid-task request refused: the task is gone
+            log.warning("task %s dropped: %s", task.task_id, e)
+            self.runtime.discard([local.key])
+            self.dropped += 1
+            return False
+        finally:
+            if self.store is not None:
+                self.store.commit(self.step)
+                if self.on_commit is not None:
+                    self.on_commit()
         compute_s = time.perf_counter() - start
-        if self.store is not None:
-            self.store.commit(self.step)
-            if self.on_commit is not None:
-                self.on_commit()
         result = self.capture.last
         if result is None:
             raise RuntimeError("the algorithm's update returned no plain result")
@@ -110,8 +131,16 @@ class NodeWorker:
             self.dropped += 1
             return False
         (_, metrics), *_ = out.client_metrics
-        ack = self.client.push_result(result_to_wire(task.task_id, result, metrics, compute_s))
-        return ack.accepted
+        wire = result_to_wire(task.task_id, result, metrics, compute_s)
+        self._kept = (identity, wire)
+        return self._push(task.task_id, wire)
+
+    def _push(self, task_id: str, result: WireResult) -> bool:
+        try:
+            return self.client.push_result(result).accepted
+        except RemoteRefusal as e:  # e.g. the server restarted and sends the task again
+            log.warning("result of task %s refused: %s", task_id, e)
+            return False
 
     def run(self, stop: threading.Event, max_tasks: int | None = None) -> int:
         """Register, then pull and train tasks until ``stop`` is set, the server says the

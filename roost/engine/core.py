@@ -293,16 +293,39 @@ class Engine:
         if self.remote is None:
             return self.clock.pop()
         while True:
-            ev = self.clock.pop()
+            ev = self._remote_pop()
             kind, key = ev.payload
             if kind not in ("task", "request"):
+                self.remote.consumed(kind, key, False)
                 return ev
             flight = self.flights.flights.get(key)
             if flight is None or key in self.flights.computed or flight.lost:
                 continue  # the other event of a task already delivered, lost or answered
+            delivered = False
             if kind == "task":
-                self._apply_delivery(flight, self.remote.take(key))
+                delivery = self.remote.take(key)
+                delivered = delivery is not None
+                self._apply_delivery(flight, delivery)
+            self.remote.consumed(kind, key, delivered)
             return ev
+
+    def _remote_pop(self) -> Event:
+        """The clock's next event, or, while a resumed deployment replays its journal,
+        the next journaled one (the engine's own refills are still taken from the clock,
+        where the replayed decisions put them)."""
+        assert self.remote is not None
+        logged = self.remote.replay_next()
+        if logged is None:
+            return self.clock.pop()
+        if logged[0] == "refill":
+            ev = self.clock.pop()
+            if ev.payload != ("refill", -1):
+                raise RuntimeError(
+                    f"replaying the journal: the engine's next event is {ev.payload}, where "
+                    "the journal has a refill (the run's code or config changed?)"
+                )
+            return ev
+        return Event(self.clock.now, 0, 0, logged)
 
     def _apply_delivery(self, flight: Flight, delivery: Delivery | None) -> None:
         now = self.clock.now
@@ -510,4 +533,8 @@ class Engine:
             self.clock.schedule(flight.end_s, ("task", key), ARRIVAL)
             for t in flight.requests_s[len(flight.answers) :]:
                 self.clock.schedule(t, ("request", key), REQUEST)
+            if self.remote is not None:  # sent again to its node, with a new deadline
+                self.remote.send(flight, self.flights.snapshots[flight.task.version])
+                deadline = self.clock.now + self.remote.task_timeout_s
+                self.clock.schedule(deadline, ("task", key), ARRIVAL)
         self.policy.load_state_dict(state["policy"])

@@ -9,6 +9,10 @@ was received. The engine applies a delivery on its own thread when it pops that 
 (:meth:`~roost.engine.core.Engine.pop_event`), so the policies see exactly what they see
 in simulation: an arrival whose result is already computed, or a lost task.
 
+A resumed deployment first replays, from its journal, the events consumed after its
+checkpoint (:meth:`RemoteFleet.replay_next`), so the engine re-makes the decisions it made
+before the restart; then it goes on live.
+
 A launched task also gets a deadline event (``task_timeout_s`` after dispatch): if no
 delivery came by then, the task is lost (a dropout), like a device that went offline.
 Whichever of the two events pops second finds the task out of flight and is skipped.
@@ -73,6 +77,25 @@ class RemoteFleet(Protocol):
 
     def take(self, key: int) -> Delivery | None:
         """The delivery posted for task ``key``, removed; None if none was posted."""
+        ...
+
+    def replay_next(self) -> tuple[str, int] | None:
+        """While a resumed run replays what happened before its restart: the payload of the
+        next event the engine consumed then (a refill is taken from the engine's own
+        clock); None when there is nothing (more) to replay."""
+        ...
+
+    def replaying(self) -> bool:
+        """True while the journal is being replayed (no checkpoint is taken then: the
+        journal, relative to the checkpoint it follows, is what a restart needs)."""
+        ...
+
+    def consumed(self, kind: str, key: int, delivered: bool) -> None:
+        """The engine consumed an event (for a task: with a delivery or as a loss)."""
+        ...
+
+    def checkpointed(self, step: int, in_flight: list[int]) -> None:
+        """A checkpoint of ``step`` is on disk, with the tasks ``in_flight``."""
         ...
 
 
