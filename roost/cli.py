@@ -105,7 +105,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no client certificates (they are needed only for mutual TLS)",
     )
-    k.add_argument("--force", action="store_true", help="replace keys already in DIR")
+    k.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the federation already in DIR (its node files the new one does not "
+        "write are removed; other files are left)",
+    )
     sv = sub.add_parser(
         "serve",
         help="serve a run to nodes over gRPC (docs/deployment.md)",
@@ -142,6 +147,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="S",
         help="how often a busy node heartbeats; a node silent for 3 of these is "
         "disconnected and its tasks are lost (default 10)",
+    )
+    sv.add_argument(
+        "--min-nodes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="start the run once N nodes are connected (default: as soon as the first "
+        "round, or the asynchronous concurrency, can be filled)",
     )
     sv.add_argument("--quiet", action="store_true", help="no progress bar")
     nd = sub.add_parser(
@@ -407,6 +420,7 @@ def _serve(args: argparse.Namespace) -> int:
         mutual_tls=args.mutual_tls,
         task_timeout_s=args.task_timeout,
         heartbeat_s=args.heartbeat,
+        min_nodes=args.min_nodes,
     )
     progress = not args.quiet
     if args.resume:

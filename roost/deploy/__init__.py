@@ -12,14 +12,16 @@ neither grpc, protobuf nor cryptography; each name below imports its module on f
 * :mod:`roost.deploy.tls`: ``ServerTls``, ``ClientTls``, ``InsecureRefused``;
 * :mod:`roost.deploy.server`: ``DeployServer``, ``ServerConfig``;
 * :mod:`roost.deploy.client`: ``NodeClient``, ``ClientConfig``, ``RemoteRefusal``,
-  ``Unreachable``; :mod:`roost.deploy.backoff`: ``Backoff``;
+  ``Unreachable``, ``TlsFailure``; :mod:`roost.deploy.backoff`: ``Backoff``;
 * :mod:`roost.deploy.keys`: ``make_federation`` (``roost keys``);
 * :mod:`roost.deploy.coordinator`: ``EngineCoordinator``, the Coordinator that is the
-  engine's :class:`~roost.engine.remote.RemoteFleet` (the engine on a wall clock);
+  engine's :class:`~roost.engine.remote.RemoteFleet` (the engine on a wall clock), with
+  its watchdog of silent nodes;
+* :mod:`roost.deploy.journal`: ``Journal``, what a served run accepted and decided since
+  its checkpoint (SQLite), replayed by ``roost serve --resume``;
 * :mod:`roost.deploy.node`: ``NodeWorker``, a node's loop.
 
-Not here yet: ``roost serve`` / ``roost node``, a heartbeat watchdog, persistence and
-resuming a server.
+``roost serve`` and ``roost node`` are assembled in :mod:`roost.deployment`.
 """
 
 from __future__ import annotations
@@ -45,10 +47,11 @@ _HOMES = {
     "auth": ("AllowList", "NodeKey", "Signer", "Verifier"),
     "tls": ("ClientTls", "InsecureRefused", "ServerTls"),
     "server": ("DeployServer", "ServerConfig"),
-    "client": ("ClientConfig", "NodeClient", "RemoteRefusal", "Unreachable"),
+    "client": ("ClientConfig", "NodeClient", "RemoteRefusal", "TlsFailure", "Unreachable"),
     "backoff": ("Backoff",),
     "keys": ("make_federation",),
     "coordinator": ("EngineCoordinator",),
+    "journal": ("Journal",),
     "node": ("NodeWorker",),
 }
 _MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}

@@ -4,12 +4,17 @@ mid-task requests and heartbeats, signing every request with the node's key.
 Every call retries, after a :class:`~roost.deploy.backoff.Backoff` delay, when the server
 is unreachable (UNAVAILABLE), too slow (DEADLINE_EXCEEDED) or overloaded (the
 ``Overloaded`` refusal), re-signing each attempt (fresh timestamp and nonce); when the
-delays run out it raises :class:`Unreachable`. When the server answers ``NotRegistered``
-(it restarted and forgot the node) the client registers again and repeats the call once.
-Any other refusal raises :class:`RemoteRefusal` with the gRPC status, the refusal kind and
-the server's message. Retrying a PushResult is safe: the server acknowledges a resubmitted
-identical result as a duplicate and delivers it once. A PullTask whose stream broke is not
-resumed; the next pull asks for new work (the task given is the engine's to time out).
+delays run out it raises :class:`Unreachable`. A failed TLS handshake is not retried (the
+certificates will not change between attempts): it raises :class:`TlsFailure` at once,
+saying what to check (see ``TLS_FAILED`` and ``CLOSED_AT_CONNECT`` for how it is told
+apart from a server that is down, which is retried). When the server answers
+``NotRegistered`` (it restarted and forgot the node) the client registers again and
+repeats the call once. Any other refusal raises :class:`RemoteRefusal` with the gRPC
+status, the refusal kind and the server's message. A call that has to register first names
+both in its errors and log lines ("Register (before Heartbeat): ..."). Retrying a
+PushResult is safe: the server acknowledges a resubmitted identical result as a duplicate
+and delivers it once. A PullTask whose stream broke is not resumed; the next pull asks for
+new work (the task given is the engine's to time out).
 """
 
 from __future__ import annotations
@@ -38,14 +43,21 @@ from roost.deploy.protocol import (
     Task,
 )
 from roost.deploy.tensors import DEFAULT_CHUNK_BYTES, Limits
-from roost.deploy.tls import ClientTls, channel_credentials
+from roost.deploy.tls import ClientTls, channel_credentials, host_of
 
 try:
     import grpc
 except ImportError as e:
     raise missing_extra("grpcio", e) from e
 
-__all__ = ["ClientConfig", "NodeClient", "RemoteRefusal", "ServerInfo", "Unreachable"]
+__all__ = [
+    "ClientConfig",
+    "NodeClient",
+    "RemoteRefusal",
+    "ServerInfo",
+    "TlsFailure",
+    "Unreachable",
+]
 
 log = logging.getLogger("roost.deploy")
 T = TypeVar("T")
@@ -63,6 +75,13 @@ class RemoteRefusal(Exception):
 
 class Unreachable(ConnectionError):
     """The server did not answer within the client's backoff schedule."""
+
+
+class TlsFailure(Unreachable):
+    """The TLS handshake with the server failed: the node does not trust the server's
+    certificate, the certificate does not name the address's host, or the server refused
+    the node (no client certificate, or one its client CA did not sign, under mutual TLS;
+    a plaintext node talking to a TLS server). Raised at the first attempt, not retried."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +124,36 @@ class ServerInfo:
 
 
 RETRIED = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+TLS_FAILED = (
+    # what gRPC (1.85) puts in the UNAVAILABLE details when the client's side of the
+    # handshake fails: "failed to connect to all addresses; last error: UNKNOWN:
+    # ipv4:127.0.0.1:PORT: Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: ..."
+    # (a CA that did not sign the server's certificate, a plaintext server); older gRPC
+    # said "Ssl handshake failed: ... CERTIFICATE_VERIFY_FAILED"
+    "handshake failed",
+    "certificate verify failed",
+    "certificate_verify_failed",
+    # the server's certificate does not name the host (or ClientTls.server_name): "Custom
+    # verification check failed with error: UNAUTHENTICATED: Hostname Verification Check
+    # failed."; older gRPC: "Peer name NAME is not in peer certificate"
+    "hostname verification check failed",
+    "is not in peer certificate",
+)
+"""Substrings (lower case) of an UNAVAILABLE status's details that mean the TLS handshake
+failed."""
+
+CLOSED_AT_CONNECT = ("socket closed", "connection reset by peer")
+"""One of these with "failed to connect" in the details: the server accepted the TCP
+connection and closed it before the HTTP/2 connection was set up ("failed to connect to all
+addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:PORT: Socket closed", or "recvmsg:
+Connection reset by peer (104)" when the close caught bytes the client had sent unread).
+That is all a node learns when a mutual-TLS server refuses its certificate (or its lack of
+one: with TLS 1.3 the client's side of the handshake is done before the server checks) and
+when it talks plaintext to a TLS server. A proxy whose server is down can do the same, so it
+counts as a TLS failure only until the client has reached the server once; after that it is
+retried like any UNAVAILABLE. (A server that is down refuses the connection: "Failed to
+connect to remote host: Connection refused", always retried.)"""
 
 
 def _refusal(error: Any) -> RemoteRefusal:
@@ -156,6 +205,8 @@ class NodeClient:
             self._channel = grpc.secure_channel(address, credentials, options=options)
         self.address = address
         self.key = key
+        self._tls = tls
+        self._reached = False  # has any call got through to the server?
         self.num_examples = num_examples
         self.properties = dict(properties or {})
         self._signer = Signer(key, clock)
@@ -194,26 +245,67 @@ class NodeClient:
         )
         return frames
 
+    def _tls_failure(self, refusal: RemoteRefusal) -> bool:
+        """Whether ``refusal`` says the TLS handshake failed (see TLS_FAILED and
+        CLOSED_AT_CONNECT)."""
+        if refusal.code != "UNAVAILABLE":
+            return False
+        details = refusal.details.lower()
+        if any(s in details for s in TLS_FAILED):
+            return True
+        if self._reached or "failed to connect" not in details:
+            return False
+        return any(s in details for s in CLOSED_AT_CONNECT)
+
+    def _tls_message(self, phase: str, refusal: RemoteRefusal) -> str:
+        if self._tls is None:
+            return (
+                f"{phase}: the server {self.address} closed the connection before any gRPC "
+                f"was exchanged ({refusal}), as a TLS server does to a plaintext client: this "
+                "node connects without TLS, so there was no TLS handshake. If the server uses "
+                "TLS, drop --plaintext and give the node the CA that signed the server's "
+                "certificate (roost node --ca, default: ca.pem of its roost keys directory)"
+            )
+        host = self._tls.server_name or host_of(self.address)
+        return (
+            f"{phase}: the TLS handshake with the server {self.address} failed ({refusal}). "
+            "Check that the CA given with --ca is the one that signed the server's "
+            f"certificate, that {host!r} is one of the names in the server's certificate "
+            "(roost keys --host adds one), and, under mutual TLS (roost serve --mutual-tls), "
+            "that the node presents its client certificate, signed by the server's CA "
+            "(roost node --mutual-tls)"
+        )
+
     def _retrying(self, what: str, attempt: Callable[[], T], *, registered: bool = True) -> T:
         delays = self.config.backoff.delays(self._rng)
         registered_again = False
         while True:
+            phase = what
             try:
                 if registered and self.server is None:
+                    phase = f"Register (before {what})"
                     self._register()
-                return attempt()
+                    phase = what
+                got = attempt()
             except grpc.RpcError as e:
                 refusal = _refusal(e)
+            else:
+                self._reached = True
+                return got
+            if refusal.kind:  # a roost refusal: the server answered
+                self._reached = True
             if refusal.kind == "NotRegistered" and registered and not registered_again:
                 self.server, registered_again = None, True
                 continue
+            if self._tls_failure(refusal):
+                raise TlsFailure(self._tls_message(phase, refusal)) from None
             if refusal.code in RETRIED or refusal.kind == "Overloaded":
                 delay = next(delays, None)
                 if delay is None:
                     raise Unreachable(
-                        f"{what}: server {self.address} unreachable after retries ({refusal})"
+                        f"{phase}: server {self.address} unreachable after retries ({refusal})"
                     ) from None
-                log.info("%s: %s; retrying in %.3f s", what, refusal, delay)
+                log.info("%s: %s; retrying in %.3f s", phase, refusal, delay)
                 time.sleep(delay)
                 continue
             raise refusal
@@ -234,6 +326,7 @@ class NodeClient:
             reply.client_id,
             reply.run_config_json,
         )
+        self._reached = True
 
     # --- the calls ----------------------------------------------------------------------
 

@@ -14,8 +14,17 @@ Writes, in DIR::
 Every file is written to a temporary file in its directory and moved into place
 (``os.replace``); private keys (``*.key``) are created with mode 0600, new directories with
 0700. If any of these files exists already, nothing is written and FileExistsError names
-it, unless ``force``. These are test credentials: the CA key sits next to the rest, and no
-key is encrypted. Imports only cryptography (not grpc).
+it, unless ``force``.
+
+``force`` replaces a previous federation in DIR with the new one, so none of its files
+survive: after writing, it removes those of roost keys' files that the new federation did
+not write, i.e. the client.pem and client.key of a previous run with client certificates
+(under --no-client-certs) and the node.key, node.pub, client.pem and client.key of each
+nodes/node-I the new one has no node I for (fewer --nodes), then each such node-I directory
+that is left empty. Nothing else is touched: a file roost keys does not make (any other
+name, or one outside DIR's top level and nodes/node-I) stays where it is, silently, and so
+does the node directory holding it. These are test credentials: the CA key sits next to the
+rest, and no key is encrypted. Imports only cryptography (not grpc).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import ipaddress
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +70,9 @@ class Federation:
     hosts: tuple[str, ...]
     client_certs: bool
     files: tuple[Path, ...]
+    removed: tuple[Path, ...] = ()
+    """Files of a previous federation that ``force`` removed (the module docstring says
+    which)."""
 
 
 def write_atomic(path: Path, data: bytes, *, private: bool = False) -> None:
@@ -148,6 +161,46 @@ def _mkdir(path: Path) -> None:
             d.mkdir(mode=0o700)
 
 
+NODE_DIR = re.compile(r"node-(0|[1-9][0-9]*)")
+"""The name of a node directory roost keys makes (nodes/node-I)."""
+NODE_FILE_NAMES = ("node.key", "node.pub", "client.pem", "client.key")
+
+
+def _stale(root: Path, written: set[Path]) -> tuple[list[Path], list[Path]]:
+    """The node files of a previous federation in ``root`` that are not in ``written``, and
+    the node directories they are in. (The top-level files are always rewritten.)"""
+    nodes = root / "nodes"
+    if not nodes.is_dir():
+        return [], []
+    node_dirs = [
+        d
+        for d in nodes.iterdir()
+        if NODE_DIR.fullmatch(d.name) and d.is_dir() and not d.is_symlink()
+    ]
+    files, dirs = [], []
+    for d in sorted(node_dirs, key=lambda d: int(d.name[len("node-") :])):
+        stale = [
+            f
+            for f in (d / name for name in NODE_FILE_NAMES)
+            if f not in written and (f.is_file() or f.is_symlink())
+        ]
+        files += stale
+        if stale:
+            dirs.append(d)
+    return files, dirs
+
+
+def _remove_stale(root: Path, written: set[Path]) -> list[Path]:
+    """Remove what :func:`_stale` finds, then each of its directories left empty."""
+    files, dirs = _stale(root, written)
+    for f in files:
+        f.unlink()
+    for d in dirs:
+        if not any(d.iterdir()):
+            d.rmdir()
+    return files
+
+
 def make_federation(
     root: str | Path,
     nodes: int,
@@ -156,7 +209,9 @@ def make_federation(
     client_certs: bool = True,
     force: bool = False,
 ) -> Federation:
-    """Write the files listed in the module docstring for ``nodes`` nodes into ``root``."""
+    """Write the files listed in the module docstring for ``nodes`` nodes into ``root``;
+    with ``force``, replacing those there and removing the previous federation's files the
+    new one does not write (see the module docstring)."""
     if nodes < 1:
         raise ValueError(f"--nodes must be >= 1, got {nodes}")
     root = Path(root)
@@ -204,7 +259,8 @@ def make_federation(
     for path, (data, private) in plan.items():
         _mkdir(path.parent)
         write_atomic(path, data, private=private)
-    return Federation(root, node_ids, all_hosts, client_certs, tuple(plan))
+    removed = _remove_stale(root, set(plan)) if force else []
+    return Federation(root, node_ids, all_hosts, client_certs, tuple(plan), tuple(removed))
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -224,4 +280,7 @@ def run_cli(args: argparse.Namespace) -> int:
     print(f"{root}/allowlist.txt: the server's allow-list of {len(fed.node_ids)} node keys")
     last = f" to {fed.node_ids[-1]}" if len(fed.node_ids) > 1 else ""
     print(f"{root}/nodes/{fed.node_ids[0]}{last}: {node_files} each")
+    if fed.removed:
+        names = ", ".join(str(p.relative_to(fed.root)) for p in fed.removed)
+        print(f"{root}: removed the previous federation's {names}")
     return 0

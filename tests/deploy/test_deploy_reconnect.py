@@ -4,11 +4,14 @@ client registering again by itself with a server restarted on the same port."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import re
 import socket
+import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -19,7 +22,7 @@ import torch
 from _deploy_helpers import FAST, Federation, RecordingCoordinator, spec
 
 from roost.deploy.backoff import Backoff
-from roost.deploy.client import ClientConfig, NodeClient, RemoteRefusal, Unreachable
+from roost.deploy.client import ClientConfig, NodeClient, RemoteRefusal, TlsFailure, Unreachable
 from roost.deploy.errors import NotRegistered
 from roost.deploy.server import DeployServer
 
@@ -79,8 +82,10 @@ def test_a_client_whose_server_is_down_retries_with_the_backoff_then_gives_up(ca
     """Backoff(initial 0.04 s, cap 0.1 s, jitter 0.5, 3 attempts): bases 0.04, 0.08, 0.1,
     so the three sleeps are at least 0.02 + 0.04 + 0.05 = 0.11 s and at most 0.22 s. With
     the client's rng seeded, they are exactly Backoff.delays(Random(7)): the client logs
-    those three, sleeps at least their sum, then raises Unreachable naming the call, the
-    address and the last status (UNAVAILABLE: nothing listens on the port)."""
+    those three, sleeps at least their sum, then raises Unreachable (not TlsFailure: a
+    refused connection is a server that is down) naming the call, the address and the last
+    status (UNAVAILABLE: nothing listens on the port). What fails is the registration the
+    heartbeat needs first, and the log lines and the error say so."""
     backoff = Backoff(initial_s=0.04, max_s=0.1, jitter=0.5, max_attempts=3, max_total_s=None)
     expected = list(backoff.delays(random.Random(7)))
     assert len(expected) == 3 and 0.11 <= sum(expected) <= 0.22
@@ -95,13 +100,71 @@ def test_a_client_whose_server_is_down_retries_with_the_backoff_then_gives_up(ca
     retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
     logged = [float(re.search(r"retrying in ([0-9.]+) s$", m)[1]) for m in retries]  # type: ignore[index]
     assert logged == [round(d, 3) for d in expected]
-    # the registration the heartbeat needs first is what fails; it is logged as the call's
-    assert all(m.startswith("Heartbeat: UNAVAILABLE") for m in retries)
+    assert all(m.startswith("Register (before Heartbeat): UNAVAILABLE") for m in retries)
+    assert all("Connection refused" in m for m in retries)
     assert sum(expected) <= elapsed < sum(expected) + 5.0
+    assert type(gave_up.value) is Unreachable
     assert str(gave_up.value).startswith(
-        f"Heartbeat: server {address} unreachable after retries (UNAVAILABLE"
+        f"Register (before Heartbeat): server {address} unreachable after retries (UNAVAILABLE"
     )
     assert node.server is None
+
+
+@contextlib.contextmanager
+def closing_at_once(port: int = 0) -> Iterator[int]:
+    """A TCP listener on loopback ``port`` that accepts each connection and closes it at
+    once, before any HTTP/2 (what a proxy whose server is down can do); yields its port."""
+    listener = socket.create_server(("127.0.0.1", port))
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                listener.accept()[0].close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield int(listener.getsockname()[1])
+    finally:
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(5.0)
+
+
+def test_a_connection_closed_before_http2_is_final_only_before_the_server_was_reached(caplog):
+    """Socket closed at connect is how a TLS server refuses a plaintext node, so before the
+    node ever reached its server it raises TlsFailure at once (no retry, though Backoff
+    allows 60 s). A node that has reached the server once retries it instead: here its
+    server stops and a listener that closes every connection takes the port; the heartbeat
+    is retried FEW's 3 times and ends in a plain Unreachable."""
+    patient = ClientConfig(backoff=Backoff(initial_s=1.0, max_s=10.0, max_total_s=60.0))
+    with closing_at_once() as port:
+        node = NodeClient(f"127.0.0.1:{port}", Federation().alice, config=patient)
+        start = time.monotonic()
+        with node, pytest.raises(TlsFailure, match=r"Socket closed|Connection reset") as refused:
+            node.register()
+        assert time.monotonic() - start < 2.0
+    assert "as a TLS server does to a plaintext client" in str(refused.value)
+
+    few = Backoff(initial_s=0.01, max_s=0.02, max_attempts=3, max_total_s=None)
+    fed, coord = Federation(), RecordingCoordinator()
+    server = DeployServer(coord, fed.verifier(), address="127.0.0.1:0").start()
+    port = server.port
+    caplog.set_level(logging.INFO, "roost.deploy")
+    with NodeClient(server.address, fed.alice, config=ClientConfig(backoff=few)) as node:
+        assert node.heartbeat() is True
+        server.stop()
+        with closing_at_once(port), pytest.raises(Unreachable) as gave_up:
+            node.heartbeat()
+    assert type(gave_up.value) is Unreachable
+    assert str(gave_up.value).startswith(
+        f"Heartbeat: server 127.0.0.1:{port} unreachable after retries (UNAVAILABLE"
+    )
+    retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert len(retries) == 3
+    # the listener's close is a "Socket closed", or a reset when it caught the client's bytes
+    assert all(re.search("Socket closed|Connection reset by peer", m) for m in retries)
 
 
 def test_no_retries_means_one_attempt_and_no_sleep():

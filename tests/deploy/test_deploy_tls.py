@@ -4,7 +4,11 @@ of :mod:`roost.deploy.tls` (plaintext only on loopback unless ``insecure=True``)
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
+import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -17,7 +21,7 @@ from _deploy_helpers import RecordingCoordinator, spec
 
 from roost.deploy.auth import AllowList, NodeKey, Verifier
 from roost.deploy.backoff import Backoff
-from roost.deploy.client import ClientConfig, NodeClient, Unreachable
+from roost.deploy.client import ClientConfig, NodeClient, TlsFailure, Unreachable
 from roost.deploy.keys import make_federation
 from roost.deploy.server import DeployServer
 from roost.deploy.tls import (
@@ -28,9 +32,11 @@ from roost.deploy.tls import (
     server_credentials,
 )
 
-# A refused handshake is UNAVAILABLE, which the client retries: two short retries (at most
-# 0.01 + 0.02 s of sleep) keep each refusal well under a second.
-SHORT = Backoff(initial_s=0.01, max_s=0.02, max_attempts=2, max_total_s=None)
+# A failed handshake is final at once (TlsFailure), so even a patient backoff (60 s in
+# all, the first retry after 0.5 to 1 s) does not delay it: each refusal takes well under
+# the 2 s the tests allow, and no retry is logged.
+PATIENT = Backoff(initial_s=1.0, max_s=10.0, max_total_s=60.0)
+FAST_ENOUGH_S = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +56,31 @@ def tls_server(keys_dir, coord, *, mutual=False) -> DeployServer:
 
 
 def node_client(server, keys_dir, tls, node_id="node-0", **kwargs) -> NodeClient:
-    """``node_id`` of ``keys_dir``'s federation (on the server's allow-list), with ``tls``."""
+    """``node_id`` of ``keys_dir``'s federation (on the server's allow-list), with ``tls``
+    and the PATIENT backoff."""
     key = NodeKey.load(keys_dir / "nodes" / node_id)
-    config = ClientConfig(backoff=SHORT, timeout_s=5.0)
+    config = ClientConfig(backoff=PATIENT, timeout_s=5.0)
     return NodeClient(server.address, key, tls=tls, config=config, **kwargs)
+
+
+@contextlib.contextmanager
+def refused_at_once(caplog) -> Iterator[pytest.ExceptionInfo[TlsFailure]]:
+    """The block raises TlsFailure (an Unreachable) within FAST_ENOUGH_S, with no retry
+    logged."""
+    caplog.set_level(logging.INFO, "roost.deploy")
+    start = time.monotonic()
+    with pytest.raises(TlsFailure) as refused:
+        yield refused
+    assert time.monotonic() - start < FAST_ENOUGH_S
+    assert isinstance(refused.value, Unreachable)
+    assert [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()] == []
+
+
+def assert_tls_advice(message: str, host: str) -> None:
+    """The three causes a TlsFailure on a TLS channel suggests."""
+    assert "the CA given with --ca is the one that signed the server's certificate" in message
+    assert f"that {host!r} is one of the names in the server's certificate" in message
+    assert "under mutual TLS" in message and "client certificate" in message
 
 
 def test_a_node_trusting_the_federation_ca_registers_and_pulls_over_tls(dirs):
@@ -78,47 +105,81 @@ def test_a_node_trusting_the_federation_ca_registers_and_pulls_over_tls(dirs):
     assert coord.pulls == ["node-0"]
 
 
-def test_a_node_trusting_another_federations_ca_is_refused(dirs):
+def test_a_node_trusting_another_federations_ca_is_refused_at_once(dirs, caplog):
     """The node's key is on the allow-list, but it trusts the other federation's CA, so
-    the server's certificate does not verify: the handshake fails, every attempt is
-    UNAVAILABLE, and after SHORT's 2 retries the client raises Unreachable. Nothing reached
-    the coordinator."""
+    the server's certificate does not verify: gRPC's UNAVAILABLE says the TLS handshake
+    failed, and the client raises TlsFailure at the first attempt (no retry) naming the
+    address, gRPC's detail and what to check. Nothing reached the coordinator."""
     fed, other = dirs
     coord = RecordingCoordinator()
     with (
         tls_server(fed, coord) as server,
         node_client(server, fed, ClientTls.from_dir(other)) as node,
-        pytest.raises(Unreachable) as refused,
+        refused_at_once(caplog) as refused,
     ):
         node.register()
-    assert f"Register: server {server.address} unreachable after retries" in str(refused.value)
-    assert "(UNAVAILABLE" in str(refused.value)
-    assert "handshake failed" in str(refused.value).lower()  # gRPC's reason: TLS, not auth
+    message = str(refused.value)
+    assert message.startswith(
+        f"Register: the TLS handshake with the server {server.address} failed (UNAVAILABLE: "
+    )
+    assert "tls handshake failed" in message.lower()  # gRPC's detail: TLS, not auth
+    assert_tls_advice(message, "127.0.0.1")
     assert coord.calls() == (0, 0, 0, 0, 0)
 
 
-def test_a_plaintext_node_cannot_talk_to_a_tls_server(dirs):
-    """On loopback the client allows plaintext, but the server speaks only TLS: the
-    plaintext channel never gets an HTTP/2 answer, so the call is UNAVAILABLE and ends in
-    Unreachable, with nothing at the coordinator."""
+def test_a_plaintext_node_cannot_talk_to_a_tls_server(dirs, caplog):
+    """On loopback the client allows plaintext, but the server speaks only TLS and closes
+    the connection before any HTTP/2: UNAVAILABLE "Socket closed", which (before the node
+    ever reached the server) is a TlsFailure at once. The heartbeat has to register first,
+    and the message says so; nothing reached the coordinator."""
     fed, _ = dirs
     coord = RecordingCoordinator()
     with (
         tls_server(fed, coord) as server,
         node_client(server, fed, None) as node,
-        pytest.raises(Unreachable, match=r"\(UNAVAILABLE"),
+        refused_at_once(caplog) as refused,
     ):
         node.heartbeat()
+    message = str(refused.value)
+    assert message.startswith(
+        f"Register (before Heartbeat): the server {server.address} closed the connection "
+        "before any gRPC was exchanged (UNAVAILABLE: "
+    )
+    assert "socket closed" in message.lower()
+    assert "this node connects without TLS" in message and "--ca" in message
+    assert coord.calls() == (0, 0, 0, 0, 0)
+
+
+def test_a_tls_node_cannot_talk_to_a_plaintext_server(dirs, caplog):
+    """The other way round: the node starts a TLS handshake and the plaintext server
+    answers HTTP/2, so the handshake fails (WRONG_VERSION_NUMBER): TlsFailure at once."""
+    fed, _ = dirs
+    coord = RecordingCoordinator()
+    verifier = Verifier(AllowList.load(fed / "allowlist.txt"))
+    with (
+        DeployServer(coord, verifier, address="127.0.0.1:0") as server,
+        node_client(server, fed, ClientTls.from_dir(fed)) as node,
+        refused_at_once(caplog) as refused,
+    ):
+        node.pull_task()
+    message = str(refused.value)
+    assert message.startswith(
+        f"Register (before PullTask): the TLS handshake with the server {server.address} failed"
+    )
+    assert "tls handshake failed" in message.lower()
     assert coord.calls() == (0, 0, 0, 0, 0)
 
 
 @pytest.mark.parametrize(
     ("server_name", "works"), [("localhost", True), ("roost.example.org", False)]
 )
-def test_server_name_overrides_the_name_checked_against_the_certificate(dirs, server_name, works):
+def test_server_name_overrides_the_name_checked_against_the_certificate(
+    dirs, caplog, server_name, works
+):
     """``ClientTls.server_name`` replaces the address's host (127.0.0.1) in the check:
     ``localhost`` is one of the certificate's SANs, ``roost.example.org`` is not (no --host
-    was given), so the first registers and the second is refused."""
+    was given), so the first registers and the second is refused at once, the message
+    naming the name that is not in the certificate."""
     fed, _ = dirs
     coord = RecordingCoordinator()
     tls = ClientTls(fed / "ca.pem", server_name=server_name)
@@ -126,30 +187,38 @@ def test_server_name_overrides_the_name_checked_against_the_certificate(dirs, se
         if works:
             node.register()
         else:
-            with pytest.raises(Unreachable, match=r"\(UNAVAILABLE") as refused:
+            with refused_at_once(caplog) as refused:
                 node.register()
-            assert "hostname verification check failed" in str(refused.value).lower()
+            message = str(refused.value)
+            assert f"the TLS handshake with the server {server.address} failed" in message
+            assert "hostname verification check failed" in message.lower()
+            assert_tls_advice(message, "roost.example.org")
     assert len(coord.registered) == (1 if works else 0)
 
 
-def test_mutual_tls_refuses_a_node_without_a_client_certificate(dirs):
+def test_mutual_tls_refuses_a_node_without_a_client_certificate(dirs, caplog):
     """ServerTls.from_dir(mutual=True) requires a client certificate signed by ca.pem; a
-    node that trusts the right CA but presents none fails the handshake (UNAVAILABLE,
-    then Unreachable) and never reaches the coordinator."""
+    node that trusts the right CA but presents none is refused by the server (TLS 1.3: the
+    client's side of the handshake is done, so it only sees "Socket closed"): TlsFailure at
+    once, suggesting the client certificate, and nothing at the coordinator."""
     fed, _ = dirs
     coord = RecordingCoordinator()
     with (
         tls_server(fed, coord, mutual=True) as server,
         node_client(server, fed, ClientTls.from_dir(fed)) as node,
-        pytest.raises(Unreachable, match=r"\(UNAVAILABLE"),
+        refused_at_once(caplog) as refused,
     ):
         node.register()
+    message = str(refused.value)
+    assert f"Register: the TLS handshake with the server {server.address} failed" in message
+    assert "socket closed" in message.lower()
+    assert_tls_advice(message, "127.0.0.1")
     assert coord.calls() == (0, 0, 0, 0, 0)
 
 
-def test_mutual_tls_refuses_a_client_certificate_of_another_ca(dirs):
+def test_mutual_tls_refuses_a_client_certificate_of_another_ca(dirs, caplog):
     """A client certificate signed by the other federation's CA is not one the server's
-    client CA (fed/ca.pem) signed: refused like no certificate at all."""
+    client CA (fed/ca.pem) signed: refused at once like no certificate at all."""
     fed, other = dirs
     coord = RecordingCoordinator()
     foreign = other / "nodes" / "node-0"
@@ -157,9 +226,10 @@ def test_mutual_tls_refuses_a_client_certificate_of_another_ca(dirs):
     with (
         tls_server(fed, coord, mutual=True) as server,
         node_client(server, fed, tls) as node,
-        pytest.raises(Unreachable, match=r"\(UNAVAILABLE"),
+        refused_at_once(caplog) as refused,
     ):
         node.register()
+    assert f"the TLS handshake with the server {server.address} failed" in str(refused.value)
     assert coord.calls() == (0, 0, 0, 0, 0)
 
 

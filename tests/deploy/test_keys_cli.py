@@ -18,6 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from roost.cli import main
 from roost.deploy.auth import AllowList, NodeKey
+from roost.deploy.keys import make_federation
 
 TOP = ["allowlist.txt", "ca.key", "ca.pem", "server.key", "server.pem"]
 NODE_FILES = ["client.key", "client.pem", "node.key", "node.pub"]
@@ -189,6 +190,80 @@ def test_force_rewrites_every_file_with_new_keys(tmp_path):
     assert new_key != old_key
     assert AllowList.load(root / "allowlist.txt").key_of("node-0") == new_key
     assert mode(root / "ca.key") == mode(root / "nodes" / "node-1" / "node.key") == 0o600
+
+
+def test_force_without_client_certs_removes_the_old_client_certificates(tmp_path, capsys):
+    """--force --no-client-certs after a run with client certificates: the old client.pem
+    and client.key (signed by the CA just replaced) are removed, not left beside the new
+    keys; the summary says which."""
+    root = tmp_path / "fed"
+    assert main(["keys", str(root), "--nodes", "2"]) == 0
+    capsys.readouterr()
+    assert main(["keys", str(root), "--nodes", "2", "--no-client-certs", "--force"]) == 0
+    assert files_in(root) == expected_files(2, client_certs=False)
+    out = capsys.readouterr().out
+    assert (
+        f"{root}: removed the previous federation's nodes/node-0/client.pem, "
+        "nodes/node-0/client.key, nodes/node-1/client.pem, nodes/node-1/client.key\n"
+    ) in out
+
+
+def test_force_with_fewer_nodes_removes_the_nodes_no_longer_on_the_allow_list(tmp_path, capsys):
+    """--force --nodes 2 after --nodes 3: nodes/node-2, whose key the new allow-list does
+    not hold, goes (its 4 files and the directory); node-0 and node-1 get new keys."""
+    root = tmp_path / "fed"
+    assert main(["keys", str(root), "--nodes", "3"]) == 0
+    capsys.readouterr()
+    assert main(["keys", str(root), "--nodes", "2", "--force"]) == 0
+    assert files_in(root) == expected_files(2)
+    assert not (root / "nodes" / "node-2").exists()
+    assert list(AllowList.load(root / "allowlist.txt").nodes) == ["node-0", "node-1"]
+    for n in ("node-0", "node-1"):
+        key = NodeKey.load(root / "nodes" / n)
+        assert AllowList.load(root / "allowlist.txt").key_of(n) == key.public_bytes
+    out = capsys.readouterr().out
+    assert (
+        "removed the previous federation's nodes/node-2/node.key, nodes/node-2/node.pub, "
+        "nodes/node-2/client.pem, nodes/node-2/client.key\n"
+    ) in out
+
+
+def test_force_leaves_files_roost_keys_does_not_make(tmp_path, capsys):
+    """Files a user put in DIR survive --force, and so do the node directories holding
+    them: DIR/notes.txt, nodes/node-2/notes.txt (node-2's roost files go, the directory
+    stays), nodes/extra/node.key (not a node-I directory) and nodes/node-1/state.bin."""
+    root = tmp_path / "fed"
+    assert main(["keys", str(root), "--nodes", "3"]) == 0
+    mine = {
+        "notes.txt": b"top\n",
+        "nodes/node-2/notes.txt": b"node-2\n",
+        "nodes/extra/node.key": b"not roost's\n",
+        "nodes/node-1/state.bin": b"\x00\x01",
+    }
+    for name, data in mine.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    capsys.readouterr()
+    assert main(["keys", str(root), "--nodes", "1", "--no-client-certs", "--force"]) == 0
+    assert files_in(root) == sorted(expected_files(1, client_certs=False) + list(mine))
+    assert {name: (root / name).read_bytes() for name in mine} == mine
+    out = capsys.readouterr().out
+    assert "notes.txt" not in out and "extra" not in out and "state.bin" not in out
+
+
+def test_make_federation_reports_what_force_removed(tmp_path):
+    """The Federation returned lists the removed files (none on a first run or without
+    anything stale), in node order (node-10 after node-2)."""
+    root = tmp_path / "fed"
+    first = make_federation(root, 11, client_certs=False)
+    assert first.removed == ()
+    assert make_federation(root, 11, client_certs=False, force=True).removed == ()
+    fed = make_federation(root, 2, client_certs=False, force=True)
+    stale = [f"node-{i}" for i in range(2, 11)]
+    assert fed.removed == tuple(
+        root / "nodes" / n / name for n in stale for name in ("node.key", "node.pub")
+    )
+    assert sorted(p.name for p in (root / "nodes").iterdir()) == ["node-0", "node-1"]
 
 
 def test_nodes_must_be_at_least_one(tmp_path, capsys):
