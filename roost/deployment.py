@@ -71,8 +71,9 @@ class ServeOptions:
     silent that long is disconnected and its tasks are lost (default: 3 heartbeats);
     ``retry_after_s``: how soon an idle node asks again for work; ``finish_grace_s``: how
     long the server waits after the run for every connected node to hear that it is over;
-    ``min_nodes``: the run starts only once that many nodes are connected (the run's own
-    policies wait for as many as their first round or their concurrency needs).
+    ``min_nodes``: the run starts (and a resumed run goes on after replaying its journal)
+    only once that many nodes are connected (the run's own policies wait for as many as
+    their first round or their concurrency needs).
     """
 
     address: str
@@ -134,6 +135,7 @@ def _serve_remote(
             run_config=json.dumps(cfg.to_dict()),
             journal=journal,
             replay_step=resumed_step,
+            min_nodes=options.min_nodes,
         )
         server = DeployServer(
             coordinator, Verifier(allowed), address=options.address, tls=tls, config=server_config
@@ -143,8 +145,8 @@ def _serve_remote(
         try:
             if on_ready is not None:
                 on_ready(server.address)
-            while coordinator.num_connected() < options.min_nodes:
-                time.sleep(0.02)
+            if resumed_step is None:  # resumed: once the journal is replayed
+                coordinator.wait_for_nodes()
             yield coordinator
         finally:
             coordinator.finish()

@@ -34,7 +34,8 @@ connected set it saw) is logged. Resumed from the checkpoint of step ``s``
 (``replay_step``), the coordinator first replays: it answers the engine's queries and
 events from the journal, so the engine re-makes exactly the decisions it made before the
 restart, while every node is told to retry (UNAVAILABLE). When the log is exhausted, the
-tasks in flight are settled: those whose result was accepted before the restart are
+run goes live once ``min_nodes`` nodes have registered again, and the tasks in flight are
+settled: those whose result was accepted before the restart are
 delivered from the journal (each accepted update is applied exactly once), the others
 wait for their client's node to register again and are sent to it under the same task id.
 
@@ -181,6 +182,7 @@ class EngineCoordinator:
         run_config: str = "",
         journal: Journal | None = None,
         replay_step: int | None = None,
+        min_nodes: int = 0,
     ) -> None:
         if silent_after_s <= 0:
             raise ValueError(f"silent_after_s must be > 0, got {silent_after_s}")
@@ -190,6 +192,7 @@ class EngineCoordinator:
         self.answer_timeout_s = answer_timeout_s
         self.silent_after_s = silent_after_s
         self.run_config = run_config
+        self.min_nodes = min_nodes
         self._lock = threading.Lock()
         self.journal = journal
         # task ids are unique in the run and, journaled, the same across restarts
@@ -267,7 +270,14 @@ class EngineCoordinator:
             self._last_mask = None  # the live mask is logged at the next query
             specs, self._specs = self._specs, {}
         self._settle(specs)
+        self.wait_for_nodes()
         return None
+
+    def wait_for_nodes(self, poll_s: float = 0.02) -> None:
+        """Block until ``min_nodes`` nodes are connected (at the start of a run, and when
+        a resumed run goes live after its replay)."""
+        while self.num_connected() < self.min_nodes:
+            time.sleep(poll_s)
 
     def replaying(self) -> bool:
         with self._lock:

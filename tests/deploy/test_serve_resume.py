@@ -175,7 +175,10 @@ def test_a_server_killed_mid_step_resumes_and_applies_every_acked_update_once(
         os.kill(server.pid, signal.SIGKILL)
         server.wait(10)
 
-        resumed = _serve(["--resume", str(out), "--address", address, "--keys", str(keys)], log)
+        resumed = _serve(  # it goes on once the 4 nodes are back, as in simulation
+            ["--resume", str(out), "--address", address, "--keys", str(keys), "--min-nodes", "4"],
+            log,
+        )
         time.sleep(0.5)
         release.set()  # the held push reaches a server that replays, then the live one
         assert resumed.wait(120) == 0, log.read_text()
