@@ -12,9 +12,11 @@ from a network thread.
 
 Clients and nodes: a node may declare the client id it holds (property ``client_id``,
 0 .. N-1: a client of the run's partitioned set); a node that declares none is given the
-lowest free id (a node with its own data). One node per client id; a node that registers
-again keeps its id. Registration tells the node its id and the run's config (JSON), makes
-its client available and wakes an engine that waits for nodes; a registration with the
+lowest id no node holds or was given (a node with its own data). One node per client
+id; a node that registers again keeps its id, also after the watchdog disconnected it (an
+id assigned stays that node's while the server runs). Registration tells the node its id
+and the run's config (JSON), makes its client available and wakes an engine that waits for
+nodes; a registration with the
 property ``ready=False`` only reserves the id and fetches the config (a node then builds
 its data, silent, and registers again to take work).
 
@@ -217,6 +219,7 @@ class EngineCoordinator:
         self._queues: dict[str, collections.deque[TaskSpec]] = {}
         self._tasks_of: dict[str, set[int]] = {}  # node -> keys of its tasks in flight
         self._last_seen: dict[str, float] = {}  # node -> time.monotonic() of its last call
+        self._given: dict[str, int] = {}  # node -> the client id it was assigned (kept)
         self._key_of: dict[str, int] = {}
         self._sizes: dict[int, frozenset[int]] = {}
         self._deliveries: dict[int, Delivery] = {}
@@ -462,10 +465,11 @@ class EngineCoordinator:
                 f"{self.num_clients - 1}"
             )
         with self._lock:
-            client = self._client_of.get(node.node_id) if raw is None else raw
-            if client is None:  # the lowest client id no node holds (or reserved)
+            client = self._given.get(node.node_id) if raw is None else raw
+            if client is None:  # the lowest client id no node holds or was given
                 held = np.zeros(self.num_clients, dtype=bool)
                 held[list(self._node_of)] = True
+                held[list(self._given.values())] = True
                 free = np.flatnonzero(~held)
                 if not len(free):
                     raise UnknownClient(
@@ -482,6 +486,8 @@ class EngineCoordinator:
                 self._connected[previous] = False
             self._client_of[node.node_id] = client
             self._node_of[client] = node.node_id
+            if raw is None:  # assigned: this node's for the server's life
+                self._given[node.node_id] = client
             if ready is False:  # the id is the node's, but it takes no work yet
                 return Registration(client, self.run_config)
             self._connected[client] = True
