@@ -306,15 +306,17 @@ EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 
 
-def _guarded(out: Path, start: Callable[[], History]) -> History | int:
+def _guarded(
+    out: Path, start: Callable[[], History], resume_with: str = "roost run --resume {out}"
+) -> History | int:
     """Run ``start``; a run that fails mid-way (diverged, a worker lost, Ctrl-C) becomes
-    one line naming ``out``, with ``--resume`` suggested only where a checkpoint is."""
+    one line naming ``out``, with ``resume_with`` suggested only where a checkpoint is."""
     from roost.errors import Diverged, WorkerFailure
     from roost.track.rundir import RunDir
 
     def resumable() -> str:
         if RunDir(out).has_checkpoint():
-            return f"; continue with roost run --resume {out}"
+            return f"; continue with {resume_with.format(out=out)}"
         return "; nothing was written"
 
     try:
@@ -412,6 +414,11 @@ def _serve(args: argparse.Namespace) -> int:
     from roost.config import PRESETS, apply_overrides, load_config_source, resolve
     from roost.deployment import ServeOptions, print_ready, serve
 
+    try:
+        import roost.deploy.server  # noqa: F401  (the deploy extra is installed)
+    except ImportError as e:  # the message says what to install
+        return _fail(str(e))
+
     options = ServeOptions(
         address=args.address,
         keys=Path(args.keys) if args.keys else None,
@@ -423,6 +430,9 @@ def _serve(args: argparse.Namespace) -> int:
         min_nodes=args.min_nodes,
     )
     progress = not args.quiet
+    again = f"roost serve --resume {{out}} --address {args.address}" + (
+        f" --keys {args.keys}" if args.keys else ""
+    )
     if args.resume:
         if args.items or args.out:
             return _fail(
@@ -433,6 +443,7 @@ def _serve(args: argparse.Namespace) -> int:
         history = _guarded(
             out,
             lambda: serve(None, out, options, resume=True, progress=progress, on_ready=print_ready),
+            again,
         )
     else:
         if not args.items:
@@ -449,7 +460,7 @@ def _serve(args: argparse.Namespace) -> int:
             else Path("runs", f"{Path(source).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
         )
         history = _guarded(
-            out, lambda: serve(cfg, out, options, progress=progress, on_ready=print_ready)
+            out, lambda: serve(cfg, out, options, progress=progress, on_ready=print_ready), again
         )
     if isinstance(history, int):
         return history
@@ -459,6 +470,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _node(args: argparse.Namespace) -> int:
     from roost.deployment import NodeOptions, run_node
+
+    try:
+        from roost.deploy.client import RemoteRefusal, Unreachable
+    except ImportError as e:  # no deploy extra: the message says what to install
+        return _fail(str(e))
 
     options = NodeOptions(
         server=args.server,
@@ -470,7 +486,11 @@ def _node(args: argparse.Namespace) -> int:
         overrides=tuple(args.items),
         state_dir=Path(args.state) if args.state else None,
     )
-    trained = run_node(options)
+    try:
+        trained = run_node(options)
+    except (Unreachable, RemoteRefusal) as e:  # gave up, or turned away by the server
+        print(f"roost: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     print(f"the run is over; this node trained {trained} tasks")
     return 0
 

@@ -12,6 +12,12 @@ Each markdown file is executed top to bottom in a fresh temporary directory:
   the next command, are its expected output, compared exactly. A command that ends in a
   shell comment ``# exit N`` must exit with code N instead (its last ``&&`` part: a run
   documented to diverge is ``# exit 1``);
+* a console command ending in `` &`` runs in the background, as a subprocess
+  (``python -m roost ...``), like a shell job; ``$ sleep S`` waits, ``$ kill -9 %N`` kills
+  the block's N-th background command (numbered from 1 in the block, as a shell numbers
+  its jobs), and ``$ wait`` waits for the block's background commands, each of which must
+  exit 0 (a killed one excepted). Background commands still running when the block ends
+  are killed and fail the test;
 * a ```` ```console slow ```` block holds commands that take minutes (the experiments of
   docs/experiments.md). The default test skips it; :func:`test_slow_examples_in_the_doc_run`
   (marked ``slow``, run by .ci/run) runs such a doc top to bottom with its slow blocks
@@ -25,8 +31,10 @@ import contextlib
 import io
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,6 +81,56 @@ def run_torchrun(command: str) -> None:
     assert done.returncode == 0, f"`{command}` exited {done.returncode}:\n{done.stderr[-3000:]}"
 
 
+class Jobs:
+    """A console block's background commands (see the module docstring)."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.killed: set[int] = set()
+
+    def start(self, command: str) -> None:
+        argv = roost_argv(command)
+        assert argv is not None, f"only roost commands run in the background: {command}"
+        log = self.logs / f"job-{len(self.procs) + 1}.log"
+        extra = ["--quiet"] if argv[:1] in (["run"], ["serve"]) else []
+        cmd = [sys.executable, "-m", "roost", *argv, *extra]
+        self.procs.append(subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT))
+
+    def run(self, command: str) -> bool:
+        """Run a job-control command; False if ``command`` is not one."""
+        words = shlex.split(command)
+        if words[:1] == ["sleep"]:
+            time.sleep(float(words[1]))
+        elif words[:2] == ["kill", "-9"] and len(words) == 3 and words[2].startswith("%"):
+            n = int(words[2][1:])
+            self.procs[n - 1].send_signal(signal.SIGKILL)
+            self.procs[n - 1].wait(30)
+            self.killed.add(n)
+        elif words == ["wait"]:
+            self.wait()
+        else:
+            return False
+        return True
+
+    def log(self, n: int) -> str:
+        return (self.logs / f"job-{n}.log").read_text(errors="replace")[-3000:]
+
+    def wait(self, timeout_s: float = 600.0) -> None:
+        for n, proc in enumerate(self.procs, 1):
+            if n in self.killed:
+                continue
+            code = proc.wait(timeout_s)
+            assert code == 0, f"background command {n} exited {code}:\n{self.log(n)}"
+
+    def close(self, check: bool = True) -> None:
+        running = [n for n, p in enumerate(self.procs, 1) if p.poll() is None]
+        for n in running:
+            self.procs[n - 1].kill()
+            self.procs[n - 1].wait(30)
+        assert not check or not running, f"background commands {running} still ran at the end"
+
+
 def run_console(command: str, expected: list[str]) -> None:
     want = 0
     if m := EXPECTED_EXIT.search(command):
@@ -84,7 +142,7 @@ def run_console(command: str, expected: list[str]) -> None:
             continue
         stdout = io.StringIO()
         with contextlib.redirect_stdout(stdout):
-            code = main([*argv, "--quiet"] if argv[:1] == ["run"] else argv)
+            code = main([*argv, "--quiet"] if argv[:1] in (["run"], ["serve"]) else argv)
         wanted = want if i == len(parts) - 1 else 0
         assert code == wanted, f"`{part.strip()}` exited {code}, not {wanted}"
         if expected:
@@ -115,11 +173,21 @@ def run_doc(doc: Path, *, slow: bool) -> int:
         elif lang == "console":
             if is_slow(lang, info) and not slow:
                 continue
-            for command, expected in console_commands(body):
-                if command.startswith("torchrun "):
-                    run_torchrun(command)
-                else:
-                    run_console(command, expected)
+            jobs = Jobs(Path.cwd())
+            try:
+                for command, expected in console_commands(body):
+                    if command.rstrip().endswith(" &"):
+                        jobs.start(command.rstrip()[:-2])
+                    elif jobs.run(command):
+                        pass
+                    elif command.startswith("torchrun "):
+                        run_torchrun(command)
+                    else:
+                        run_console(command, expected)
+            except BaseException:
+                jobs.close(check=False)
+                raise
+            jobs.close()
         else:
             continue
         found += 1
