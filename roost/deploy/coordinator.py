@@ -196,6 +196,8 @@ class EngineCoordinator:
         self.run_config = run_config
         self.min_nodes = min_nodes
         self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # notified when a node may have work
+        self._waiting: dict[str, int] = {}  # node -> its PullTasks waiting for work
         self.journal = journal
         # task ids are unique in the run and, journaled, the same across restarts
         self._prefix = journal.task_prefix() if journal is not None else secrets.token_hex(4)
@@ -340,6 +342,7 @@ class EngineCoordinator:
             if node is not None:
                 self._queues.setdefault(node, collections.deque()).append(spec)
                 self._tasks_of.setdefault(node, set()).add(flight.key)
+                self._work.notify_all()
         if node is None:  # its node left since the engine saw it connected: lost now
             self.clock.schedule(self.clock.now, ("task", flight.key), ARRIVAL)
 
@@ -393,6 +396,7 @@ class EngineCoordinator:
             self._queues.pop(node_id, None)
             self._last_seen.pop(node_id, None)
             lost = self._tasks_of.pop(node_id, set())
+            self._work.notify_all()  # its waiting pull, if any, returns
         for key in sorted(lost):
             self.clock.schedule(self.clock.now, ("task", key), ARRIVAL)
 
@@ -401,8 +405,10 @@ class EngineCoordinator:
         ``now`` (``time.monotonic()`` by default); returns them."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            silent = sorted(
-                n for n, seen in self._last_seen.items() if now - seen >= self.silent_after_s
+            silent = sorted(  # a node waiting in a PullTask is not silent
+                n
+                for n, seen in self._last_seen.items()
+                if now - seen >= self.silent_after_s and n not in self._waiting
             )
         for node_id in silent:
             self.disconnect(node_id)
@@ -425,6 +431,7 @@ class EngineCoordinator:
         """The run is over: nodes asking for work are told to stop."""
         with self._lock:
             self._finished = True
+            self._work.notify_all()
 
     def close(self) -> None:
         """Stop the watchdog."""
@@ -495,6 +502,7 @@ class EngineCoordinator:
             for spec in self._orphans.pop(client, []):  # sent before a restart: again
                 queue.append(spec)
                 self._tasks_of.setdefault(node.node_id, set()).add(self._key_of[spec.task_id])
+            self._work.notify_all()
             self._last_seen[node.node_id] = time.monotonic()
         self.clock.schedule(self.clock.now, ("wake", -1), WAKE)
         return Registration(client, self.run_config)
@@ -503,15 +511,29 @@ class EngineCoordinator:
         with self._lock:
             return self._finished
 
-    def next_task(self, node_id: str) -> TaskSpec | None:
-        with self._lock:
+    def next_task(self, node_id: str, wait_s: float = 0.0) -> TaskSpec | None:
+        deadline = time.monotonic() + wait_s
+        with self._work:
             self._seen(node_id)
-            queue = self._queues.get(node_id)
-            if queue:
-                return queue.popleft()
-            if self._finished:
-                self._told.add(node_id)
-            return None
+            self._waiting[node_id] = self._waiting.get(node_id, 0) + 1
+            try:
+                while True:
+                    queue = self._queues.get(node_id)
+                    if queue:
+                        return queue.popleft()
+                    if self._finished:
+                        self._told.add(node_id)
+                        return None
+                    left = deadline - time.monotonic()
+                    if left <= 0 or node_id not in self._client_of:
+                        return None
+                    self._work.wait(left)
+            finally:
+                self._waiting[node_id] -= 1
+                if not self._waiting[node_id]:
+                    del self._waiting[node_id]
+                if node_id in self._last_seen:
+                    self._last_seen[node_id] = time.monotonic()
 
     def all_told_finished(self) -> bool:
         """Every connected node has asked for work since :meth:`finish` (and so heard

@@ -8,7 +8,9 @@ the moment the server died, deterministically:
 
 * ``results``: every result the server acknowledged, written (and committed, with
   ``synchronous=FULL``) *before* its Ack is sent, keyed by task id: its tensors, weight,
-  metrics and the node's compute seconds. A result acknowledged is never lost;
+  metrics and the node's compute seconds. A result acknowledged is never lost; the other
+  rows are committed with ``synchronous=NORMAL`` (they survive a crash of the process,
+  and a power loss once the next result is committed);
 * ``events``: the network events the engine consumed, in order (a task's delivery or loss,
   a mid-task request, a wake), and the engine's own refills among them;
 * ``connected``: each answer of "which clients are connected" that differed from the
@@ -88,7 +90,9 @@ class Journal:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        # the engine's events and connected sets: durable against a crash of the process
+        # (kill -9: WAL frames are in the OS's hands at commit), synced with the next result
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self.after_step = 0
 
@@ -109,19 +113,26 @@ class Journal:
 
     # ---- writing (the live run)
     def add_result(self, task_id: str, delivery: Delivery) -> None:
-        """Record an accepted result; durable when this returns (before its Ack)."""
+        """Record an accepted result; durable when this returns (before its Ack), also
+        against a power loss (its commit syncs the write-ahead log, and with it every
+        event logged before)."""
         r = delivery.result
-        row = (
-            task_id,
-            self.after_step,
-            _pack(dict(r.tensors)),
-            float(r.weight),
-            json.dumps(dict(r.scalars)),
-            json.dumps(delivery.metrics),
-            float(delivery.compute_s),
-        )
+        blob = _pack(dict(r.tensors))  # serialized before the lock: the engine logs meanwhile
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+            row = (
+                task_id,
+                self.after_step,
+                blob,
+                float(r.weight),
+                json.dumps(dict(r.scalars)),
+                json.dumps(delivery.metrics),
+                float(delivery.compute_s),
+            )
+            self._db.execute("PRAGMA synchronous=FULL")
+            try:
+                self._db.execute("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+            finally:
+                self._db.execute("PRAGMA synchronous=NORMAL")
 
     def add_event(self, event: LoggedEvent) -> None:
         with self._lock:

@@ -183,8 +183,9 @@ class Coordinator(Protocol):
         """True once the run is over: a node asking for work is told to stop."""
         ...
 
-    def next_task(self, node_id: str) -> TaskSpec | None:
-        """Work for ``node_id`` now, or None (the node is told to ask again later).
+    def next_task(self, node_id: str, wait_s: float = 0.0) -> TaskSpec | None:
+        """Work for ``node_id`` now (or, waiting up to ``wait_s`` seconds, as soon as
+        there is some), or None (the node is told to ask again).
 
         Task ids must be unique: the server refuses (INTERNAL) a task id it already gave to
         another node or whose result already arrived."""

@@ -85,6 +85,10 @@ class ServerConfig:
         heartbeat_interval_s: told to nodes at registration.
         retry_after_s: told to a node when there is no task for it.
         max_workers: threads of the gRPC server (each open RPC holds one).
+        long_poll_s: how long a PullTask that finds no task may wait for one on the
+            server (the node then asks again at once); at most half of ``max_workers``
+            wait so, the other pulls are answered at once with ``retry_after_s``. 0: no
+            waiting.
     """
 
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
@@ -94,7 +98,8 @@ class ServerConfig:
     require_finite: bool = True
     heartbeat_interval_s: float = 10.0
     retry_after_s: float = 1.0
-    max_workers: int = 16
+    max_workers: int = 64
+    long_poll_s: float = 2.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.chunk_bytes <= self.max_message_bytes - FRAME_OVERHEAD:
@@ -130,6 +135,7 @@ class DeployServicer:
         self.tasks = TaskTable()
         self.nodes: dict[str, NodeInfo] = {}
         self._lock = threading.Lock()
+        self._long_polls = threading.BoundedSemaphore(max(1, config.max_workers // 2))
         self.result_limits = Limits(
             max_total_bytes=config.max_result_bytes,
             max_tensors=config.max_tensors,
@@ -251,9 +257,16 @@ class DeployServicer:
         caller = self._caller("PullTask", context, raw)
         req = parse(pb.PullTaskRequest, raw)
         self._check_node(caller, req.node_id)
-        spec = self.coordinator.next_task(caller.node_id)
-        if spec is None:
-            yield no_task_frame(self.config.retry_after_s, self.coordinator.finished())
+        waited = self.config.long_poll_s > 0 and self._long_polls.acquire(blocking=False)
+        try:
+            wait_s = self.config.long_poll_s if waited else 0.0
+            spec = self.coordinator.next_task(caller.node_id, wait_s)
+        finally:
+            if waited:
+                self._long_polls.release()
+        if spec is None:  # after a wait on the server, ask again at once
+            retry = 0.0 if waited else self.config.retry_after_s
+            yield no_task_frame(retry, self.coordinator.finished())
             return
         frames = task_frames(spec, self.config.chunk_bytes)  # checks the spec first
         self.tasks.give(spec.task_id, caller.node_id, spec.result_spec)

@@ -57,7 +57,7 @@ class RecordingCoordinator:
     def finished(self) -> bool:
         return False
 
-    def next_task(self, node_id: str) -> TaskSpec | None:
+    def next_task(self, node_id: str, wait_s: float = 0.0) -> TaskSpec | None:
         with self.lock:
             self.pulls.append(node_id)
             queue = self.queues.get(node_id)

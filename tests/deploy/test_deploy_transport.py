@@ -188,14 +188,20 @@ def test_mid_task_fetch_streams_a_fresher_model_and_heartbeats_reach_the_coordin
 
 
 def test_no_task_tells_the_node_when_to_ask_again():
+    """Without waiting on the server (long_poll_s=0) the node is told retry_after_s; after
+    a pull that could wait there (the coordinator was given the wait), at once (0)."""
     from roost.deploy.server import ServerConfig
 
     fed, coord = Federation(), RecordingCoordinator()
-    config = ServerConfig(retry_after_s=2.5)
+    config = ServerConfig(retry_after_s=2.5, long_poll_s=0.0)
     with running_server(coord, fed, config) as server, client(server, fed.alice) as node:
         assert node.pull_task() is None
         assert node.retry_after_s == 2.5
     assert coord.pulls == ["alice"]
+    config = ServerConfig(retry_after_s=2.5, long_poll_s=0.5)
+    with running_server(coord, fed, config) as server, client(server, fed.alice) as node:
+        assert node.pull_task() is None
+        assert node.retry_after_s == 0.0
 
 
 def test_keep_alive_heartbeats_in_the_background_and_reports_a_dropped_task():

@@ -178,3 +178,30 @@ def test_a_silent_node_becomes_a_dropout_and_gets_work_when_it_comes_back(
     assert records[0]["offline"] == 1
     assert came_back == {"n": 2}
     assert trained == {0: 3, 1: 3, 2: 3}
+
+
+def test_a_pull_that_waits_on_the_server_gets_the_task_as_soon_as_it_is_sent() -> None:
+    """PullTask may wait on the server (``long_poll_s``): a node asking while its client
+    has no task is answered when the engine sends one (here 0.2 s later), not after its
+    next poll; a wait that sees no task ends with None at its deadline (0.3 s), and a
+    node waiting is not taken for silent by the watchdog (silent after 0.1 s here)."""
+    from roost.clock import WallClock
+    from roost.deploy.coordinator import EngineCoordinator
+    from roost.deploy.protocol import NodeInfo
+
+    coordinator = EngineCoordinator(WallClock(), 2, silent_after_s=0.1)
+    coordinator.register(NodeInfo("n0", b"k" * 32, 5, {"client_id": 0}))
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(coordinator.next_task("n0", 10.0)))
+    waiter.start()
+    time.sleep(0.2)
+    assert coordinator.check_silent() == []  # 0.2 s without a call, but waiting in a pull
+    spec = object()
+    with coordinator._lock:  # what send() does for client 0's node, then its notify
+        coordinator._queues["n0"].append(spec)  # type: ignore[arg-type]
+        coordinator._work.notify_all()
+    waiter.join(5)
+    assert got == [spec]
+    start = time.monotonic()
+    assert coordinator.next_task("n0", 0.3) is None
+    assert time.monotonic() - start >= 0.3
