@@ -41,6 +41,11 @@ settled: those whose result was accepted before the restart are
 delivered from the journal (each accepted update is applied exactly once), the others
 wait for their client's node to register again and are sent to it under the same task id.
 
+Memory: at most ``max_waiting_results`` received results wait for the engine to take
+them (a result beyond that waits in its gRPC call, before it is acknowledged), and the
+server receives at most ``ServerConfig.max_receiving`` at once, so the server holds a
+bounded number of results whatever the number of nodes.
+
 Results: a node sends its client update's own tensors (float32), weight and scalars, and
 its client metrics; the engine folds them as the local runtime folds a task. Metrics
 travel in :attr:`Result.metrics` under ``metric.<name>``, the result's scalars under
@@ -185,6 +190,7 @@ class EngineCoordinator:
         journal: Journal | None = None,
         replay_step: int | None = None,
         min_nodes: int = 0,
+        max_waiting_results: int = 4,
     ) -> None:
         if silent_after_s <= 0:
             raise ValueError(f"silent_after_s must be > 0, got {silent_after_s}")
@@ -195,6 +201,7 @@ class EngineCoordinator:
         self.silent_after_s = silent_after_s
         self.run_config = run_config
         self.min_nodes = min_nodes
+        self.max_waiting_results = max(1, max_waiting_results)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # notified when a node may have work
         self._waiting: dict[str, int] = {}  # node -> its PullTasks waiting for work
@@ -357,6 +364,8 @@ class EngineCoordinator:
         with self._lock:
             self._cancelled.add(key)
             self._specs.pop(key, None)
+            if self._deliveries.pop(key, None) is not None:
+                self._work.notify_all()
             for keys in self._tasks_of.values():
                 keys.discard(key)
             for waiting in self._orphans.values():
@@ -383,7 +392,10 @@ class EngineCoordinator:
                         "but holds no result for it"
                     )
                 return found
-            return self._deliveries.pop(key, None)
+            taken = self._deliveries.pop(key, None)
+            if taken is not None:
+                self._work.notify_all()  # a result waiting for room may be delivered
+            return taken
 
     def disconnect(self, node_id: str) -> None:
         """``node_id`` is gone: its client is unavailable until it registers again, and
@@ -555,6 +567,11 @@ class EngineCoordinator:
             return Ack(False, f"task {result.task_id} no longer counts (its round closed)")
         client_result, metrics, compute_s = result_from_wire(result, sizes)
         delivery = Delivery(client_result, metrics, compute_s)
+        with self._work:  # results wait here, not in memory, until the engine has room
+            while len(self._deliveries) >= self.max_waiting_results and not self._finished:
+                self._work.wait(1.0)
+            if key in self._cancelled:
+                return Ack(False, f"task {result.task_id} no longer counts (its round closed)")
         if self.journal is not None:  # durable before the node hears it was accepted
             self.journal.add_result(result.task_id, delivery)
         with self._lock:

@@ -89,6 +89,9 @@ class ServerConfig:
             server (the node then asks again at once); at most half of ``max_workers``
             wait so, the other pulls are answered at once with ``retry_after_s``. 0: no
             waiting.
+        max_receiving: how many results are received (read and decoded) at once; the
+            other PushResults wait for a turn before they read anything, so the memory
+            of results in reception is at most this many results, whatever the nodes.
     """
 
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
@@ -100,6 +103,7 @@ class ServerConfig:
     retry_after_s: float = 1.0
     max_workers: int = 64
     long_poll_s: float = 2.0
+    max_receiving: int = 4
 
     def __post_init__(self) -> None:
         if not 1 <= self.chunk_bytes <= self.max_message_bytes - FRAME_OVERHEAD:
@@ -136,6 +140,7 @@ class DeployServicer:
         self.nodes: dict[str, NodeInfo] = {}
         self._lock = threading.Lock()
         self._long_polls = threading.BoundedSemaphore(max(1, config.max_workers // 2))
+        self._receiving = threading.BoundedSemaphore(max(1, config.max_receiving))
         self.result_limits = Limits(
             max_total_bytes=config.max_result_bytes,
             max_tensors=config.max_tensors,
@@ -273,6 +278,10 @@ class DeployServicer:
         yield from frames
 
     def push_result(self, request_iterator: Iterator[bytes], context: Any) -> bytes:
+        with self._receiving:  # a bounded number of results in memory at once
+            return self._push_result(request_iterator, context)
+
+    def _push_result(self, request_iterator: Iterator[bytes], context: Any) -> bytes:
         caller = self._caller("PushResult", context, None)
         digest = BodyDigest()
         frames = iter(request_iterator)

@@ -205,3 +205,42 @@ def test_a_pull_that_waits_on_the_server_gets_the_task_as_soon_as_it_is_sent() -
     start = time.monotonic()
     assert coordinator.next_task("n0", 0.3) is None
     assert time.monotonic() - start >= 0.3
+
+
+def test_results_beyond_the_cap_wait_in_their_call_until_the_engine_takes_one() -> None:
+    """The server's memory of received results is bounded: with room for 1 waiting
+    result, a second result's call blocks (not acknowledged) until the engine takes the
+    first, then is accepted; a result for a task cancelled meanwhile is refused."""
+    from roost.clock import WallClock
+    from roost.deploy.coordinator import EngineCoordinator
+    from roost.deploy.protocol import NodeInfo, Result
+
+    coordinator = EngineCoordinator(WallClock(), 2, max_waiting_results=1)
+    coordinator.register(NodeInfo("n0", b"k" * 32, 5, {"client_id": 0}))
+    for key in (1, 2, 3):  # what send() records for three tasks of a 3-parameter model
+        coordinator._key_of[f"t{key}"] = key
+        coordinator._sizes[key] = frozenset({3})
+
+    def result(task_id: str) -> Result:
+        return Result(task_id, {"params": torch.ones(3)}, 1.0, {"compute_s": 0.1})
+
+    assert coordinator.accept_result("n0", result("t1")).accepted
+    acks: list[object] = []
+    second = threading.Thread(
+        target=lambda: acks.append(coordinator.accept_result("n0", result("t2")))
+    )
+    second.start()
+    time.sleep(0.3)
+    assert second.is_alive() and acks == []  # waiting: room for 1, and t1 is not taken
+    assert coordinator.take(1) is not None
+    second.join(5)
+    assert [a.accepted for a in acks] == [True]  # type: ignore[attr-defined]
+    third = threading.Thread(
+        target=lambda: acks.append(coordinator.accept_result("n0", result("t3")))
+    )
+    third.start()
+    time.sleep(0.3)
+    coordinator.cancel(3)  # its round closed while it waited
+    coordinator.cancel(2)  # and the waiting room frees
+    third.join(5)
+    assert [a.accepted for a in acks] == [True, False]  # type: ignore[attr-defined]
