@@ -120,3 +120,24 @@ def start_nodes(
     for t in threads:
         t.start()
     return threads, outcome
+
+
+def serve_to_nodes(
+    tree: dict[str, Any], root: Path, nodes: int = 4, **options: Any
+) -> tuple[Path, dict[int, Any]]:
+    """Serve ``tree`` to ``nodes`` nodes, node i declaring client i and keeping its state
+    on disk in ``root/state-i``; wait for the run and the nodes. Returns the run
+    directory and what each node returned (tasks trained, or its exception)."""
+    keys = federation(root / "keys", nodes)
+    out = root / "served"
+    served = start_server(tree, out, keys, **options)
+    threads, trained = start_nodes(
+        served.address,
+        keys,
+        range(nodes),
+        lambda i: {"client_id": i, "state_dir": root / f"state-{i}"},
+    )
+    served.join(120, trained)
+    for t in threads:
+        t.join(30)
+    return out, trained

@@ -28,7 +28,7 @@ import pytest
 pytest.importorskip("grpc")
 pytest.importorskip("cryptography")
 
-from _serving import SMALL, federation, start_nodes, start_server
+from _serving import SMALL, federation, serve_to_nodes, start_server
 
 from roost.registry import ConfigError
 from roost.runner import run
@@ -63,18 +63,7 @@ def _tree(name: str, params: dict[str, Any], asynchronous: bool) -> dict[str, An
 
 
 def _served(tree: dict[str, Any], tmp_path: Path) -> Path:
-    keys = federation(tmp_path / "keys", 4)
-    out = tmp_path / "served"
-    served = start_server(tree, out, keys, min_nodes=4)
-    threads, trained = start_nodes(
-        served.address,
-        keys,
-        range(4),
-        lambda i: {"client_id": i, "state_dir": tmp_path / f"state-{i}"},
-    )
-    served.join(120, trained)
-    for t in threads:
-        t.join(30)
+    out, trained = serve_to_nodes(tree, tmp_path, min_nodes=4)
     assert all(isinstance(n, int) for n in trained.values()), trained
     return out
 

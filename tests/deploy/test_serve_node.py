@@ -20,7 +20,7 @@ pytest.importorskip("grpc")
 pytest.importorskip("cryptography")
 
 import torch
-from _serving import SMALL, federation, start_nodes, start_server
+from _serving import SMALL, federation, serve_to_nodes, start_nodes, start_server
 
 from roost.registry import ConfigError
 from roost.runner import run
@@ -109,20 +109,10 @@ def test_a_stateful_algorithm_keeps_its_state_on_the_nodes(tmp_path: Path) -> No
     on the server: served with 4 nodes it ends on the simulated model (to 1e-5: the
     control variates are float32 on both sides, folded in float64), and each node's
     directory holds its client state file and the record of its 3 committed tasks."""
-    keys = federation(tmp_path / "keys", 4)
     tree = {**SMALL, "algorithm": {"name": "scaffold", "lr": 0.1, "batch_size": 10}}
     sim = tmp_path / "sim"
     run(tree, sim)
-    served = start_server(tree, tmp_path / "served", keys)
-    threads, trained = start_nodes(
-        served.address,
-        keys,
-        range(4),
-        lambda i: {"client_id": i, "state_dir": tmp_path / f"state-{i}"},
-    )
-    served.join(120, trained)
-    for t in threads:
-        t.join(30)
+    _, trained = serve_to_nodes(tree, tmp_path)
     assert trained == {0: 3, 1: 3, 2: 3, 3: 3}
     diff = (_params(tmp_path / "served") - _params(sim)).abs().max().item()
     assert diff <= 1e-5, diff
