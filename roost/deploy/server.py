@@ -92,6 +92,11 @@ class ServerConfig:
         max_receiving: how many results are received (read and decoded) at once; the
             other PushResults wait for a turn before they read anything, so the memory
             of results in reception is at most this many results, whatever the nodes.
+        max_sending: how many tasks are streamed to nodes at once (the others wait for
+            a turn before their first frame), for the same reason.
+
+    gRPC's HTTP/2 flow-control windows are kept at their initial size (no BDP probing),
+    so a call waiting for its turn buffers at most one window (64 KiB), not megabytes.
     """
 
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
@@ -104,6 +109,7 @@ class ServerConfig:
     max_workers: int = 64
     long_poll_s: float = 2.0
     max_receiving: int = 4
+    max_sending: int = 8
 
     def __post_init__(self) -> None:
         if not 1 <= self.chunk_bytes <= self.max_message_bytes - FRAME_OVERHEAD:
@@ -141,6 +147,7 @@ class DeployServicer:
         self._lock = threading.Lock()
         self._long_polls = threading.BoundedSemaphore(max(1, config.max_workers // 2))
         self._receiving = threading.BoundedSemaphore(max(1, config.max_receiving))
+        self._sending = threading.BoundedSemaphore(max(1, config.max_sending))
         self.result_limits = Limits(
             max_total_bytes=config.max_result_bytes,
             max_tensors=config.max_tensors,
@@ -275,7 +282,8 @@ class DeployServicer:
             return
         frames = task_frames(spec, self.config.chunk_bytes)  # checks the spec first
         self.tasks.give(spec.task_id, caller.node_id, spec.result_spec)
-        yield from frames
+        with self._sending:  # a bounded number of models in transit at once
+            yield from frames
 
     def push_result(self, request_iterator: Iterator[bytes], context: Any) -> bytes:
         with self._receiving:  # a bounded number of results in memory at once
@@ -382,6 +390,7 @@ class DeployServer:
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
                 ("grpc.so_reuseport", 0),
+                ("grpc.http2.bdp_probe", 0),  # windows stay 64 KiB: see ServerConfig
             ],
         )
         try:
