@@ -412,7 +412,7 @@ def _keys(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from roost.config import PRESETS, apply_overrides, load_config_source, resolve
-    from roost.deployment import ServeOptions, print_ready, serve
+    from roost.deployment import ServeOptions, print_ready, return_large_blocks_to_os, serve
 
     try:
         import roost.deploy.server  # noqa: F401  (the deploy extra is installed)
@@ -429,6 +429,7 @@ def _serve(args: argparse.Namespace) -> int:
         heartbeat_s=args.heartbeat,
         min_nodes=args.min_nodes,
     )
+    return_large_blocks_to_os()  # a server process: its memory stays O(model) with many nodes
     progress = not args.quiet
     again = f"roost serve --resume {{out}} --address {args.address}" + (
         f" --keys {args.keys}" if args.keys else ""

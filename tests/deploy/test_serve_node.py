@@ -234,3 +234,15 @@ def test_results_beyond_the_cap_wait_in_their_call_until_the_engine_takes_one() 
     coordinator.cancel(2)  # and the waiting room frees
     third.join(5)
     assert [a.accepted for a in acks] == [True, False]  # type: ignore[attr-defined]
+
+
+def test_serve_makes_glibc_return_model_size_blocks_to_the_os() -> None:
+    """On Linux with glibc (the machines here), mallopt(M_MMAP_THRESHOLD, 1 MiB) succeeds:
+    a freed 6 MB result buffer is unmapped at once instead of kept in a thread's arena."""
+    import platform
+
+    from roost.deployment import return_large_blocks_to_os
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    assert return_large_blocks_to_os() is True
