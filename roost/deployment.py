@@ -97,8 +97,14 @@ def _serve_remote(
     from roost.deploy.coordinator import EngineCoordinator
     from roost.deploy.journal import JOURNAL_FILE, Journal
     from roost.deploy.server import DeployServer, ServerConfig
-    from roost.deploy.tls import ServerTls
+    from roost.deploy.tls import ServerTls, is_loopback
 
+    if options.plaintext and not is_loopback(options.address):
+        raise ValueError(
+            f"--plaintext serves without TLS, allowed only on a loopback address "
+            f"(127.0.0.1, ::1, localhost), not {options.address}: drop it to serve with TLS "
+            "from --keys DIR"
+        )
     if options.allow_list is None and options.keys is None:
         raise ValueError(
             "roost serve needs the nodes' public keys: --keys DIR (made by roost keys) or "
@@ -263,9 +269,14 @@ def run_node(options: NodeOptions, stop: threading.Event | None = None) -> int:
     returns how many tasks this node trained."""
     from roost.deploy.auth import NodeKey
     from roost.deploy.client import NodeClient
-    from roost.deploy.tls import ClientTls
+    from roost.deploy.tls import ClientTls, is_loopback
 
     _check_node_overrides(options.overrides)
+    if options.plaintext and not is_loopback(options.server):
+        raise ValueError(
+            f"--plaintext connects without TLS, allowed only to a loopback address, not "
+            f"{options.server}: drop it and give the server's CA with --ca"
+        )
     key = NodeKey.load(options.key)
     tls = None
     if not options.plaintext:

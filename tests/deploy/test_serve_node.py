@@ -246,3 +246,18 @@ def test_serve_makes_glibc_return_model_size_blocks_to_the_os() -> None:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc only")
     assert return_large_blocks_to_os() is True
+
+
+def test_plaintext_is_refused_off_loopback_naming_the_option(tmp_path: Path) -> None:
+    """--plaintext on an address that is not loopback is refused before anything binds or
+    connects, saying which option to drop; no run directory is made."""
+    from roost.deployment import NodeOptions, ServeOptions, run_node, serve
+
+    keys = federation(tmp_path / "keys", 1)
+    options = ServeOptions(address="10.1.2.3:5000", keys=keys, plaintext=True)
+    with pytest.raises(ValueError, match=r"--plaintext serves without TLS.*not 10\.1\.2\.3:5000"):
+        serve(None, tmp_path / "served", options)
+    assert not (tmp_path / "served").exists()
+    node = NodeOptions(server="10.1.2.3:5000", key=keys / "nodes" / "node-0", plaintext=True)
+    with pytest.raises(ValueError, match=r"--plaintext connects without TLS"):
+        run_node(node)
