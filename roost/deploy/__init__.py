@@ -1,4 +1,5 @@
-"""Deployment over gRPC: the wire protocol, tensor streaming and security (first slice).
+"""Deployment over gRPC: the wire protocol, tensor streaming, security, the engine's
+coordinator, the journal that survives restarts, and a node's loop.
 
 Needs the ``deploy`` extra (``pip install 'roost[deploy]'``). Importing this package loads
 neither grpc, protobuf nor cryptography; each name below imports its module on first use:
