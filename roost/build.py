@@ -26,7 +26,14 @@ from roost.models import build_model
 from roost.params import ParamLayout
 from roost.registry import ConfigError
 
-__all__ = ["RunParts", "WorkerParts", "build_module", "build_parts", "initial_params"]
+__all__ = [
+    "RunParts",
+    "WorkerParts",
+    "build_algorithm",
+    "build_module",
+    "build_parts",
+    "initial_params",
+]
 
 
 def build_module(name: str, config: Any, info: DatasetInfo) -> nn.Module:
@@ -45,6 +52,23 @@ class RunParts:
     build_module: Callable[[], nn.Module]
 
 
+def build_algorithm(cfg: ResolvedConfig) -> Algorithm:
+    """The run's algorithm, wrapped in :class:`Compressed` when ``compression`` is set."""
+    algorithm = ALGORITHMS.get(cfg.name("algorithm")).factory(cfg.config("algorithm"))
+    if cfg.name("compression") == "none":
+        return algorithm
+    if not algorithm.compressible:
+        raise ConfigError(
+            "compression",
+            cfg.name("compression"),
+            f"algorithm={cfg.name('algorithm')} cannot be wrapped: it uploads neither "
+            "a model nor a delta, or compresses its own uploads (see roost list "
+            "algorithm); use compression=none",
+        )
+    settings = compression_config(cfg.name("compression"), cfg.config("compression"))
+    return Compressed(algorithm, settings)
+
+
 def build_parts(cfg: ResolvedConfig) -> RunParts:
     rc = cfg.run
     dataset = build_dataset(
@@ -61,18 +85,7 @@ def build_parts(cfg: ResolvedConfig) -> RunParts:
             rc.clients_per_round,
             f"must be <= the number of clients ({dataset.num_clients})",
         )
-    algorithm = ALGORITHMS.get(cfg.name("algorithm")).factory(cfg.config("algorithm"))
-    if cfg.name("compression") != "none":
-        if not algorithm.compressible:
-            raise ConfigError(
-                "compression",
-                cfg.name("compression"),
-                f"algorithm={cfg.name('algorithm')} cannot be wrapped: it uploads neither "
-                "a model nor a delta, or compresses its own uploads (see roost list "
-                "algorithm); use compression=none",
-            )
-        settings = compression_config(cfg.name("compression"), cfg.config("compression"))
-        algorithm = Compressed(algorithm, settings)
+    algorithm = build_algorithm(cfg)
     builder = functools.partial(build_module, cfg.name("model"), cfg.config("model"), dataset.info)
     return RunParts(dataset, algorithm, builder)
 

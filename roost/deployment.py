@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from roost.build import build_parts
+from roost.build import build_algorithm, build_parts
 from roost.clock import WallClock
 from roost.config import ResolvedConfig, apply_overrides, resolve
 from roost.engine import History
@@ -142,6 +142,7 @@ def _serve_remote(
             journal=journal,
             replay_step=resumed_step,
             min_nodes=options.min_nodes,
+            decode_upload=build_algorithm(cfg).decode_upload,
         )
         server = DeployServer(
             coordinator, Verifier(allowed), address=options.address, tls=tls, config=server_config

@@ -117,11 +117,18 @@ class ClientResult:
 
     The tensors may alias the runtime's resident model; they are valid until the runtime
     starts its next task, so a runtime folds them into a :class:`Contribution` at once.
+
+    ``encoded`` holds, for some tensor names, the bytes a client really uploads in place
+    of that tensor (a compressed update, :class:`~roost.compression.Compressed`); the
+    receiver rebuilds the tensor with :meth:`Algorithm.decode_upload`. A simulation folds
+    ``tensors`` (already what the receiver would rebuild) and ignores ``encoded``; a
+    deployed node sends ``encoded`` instead.
     """
 
     tensors: Tensors
     weight: float
     scalars: dict[str, float] = field(default_factory=dict)
+    encoded: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -414,6 +421,15 @@ class Algorithm:
         one float32 model; a compressed upload may depend on the version through its
         schedule)."""
         return 4 * num_params
+
+    def decode_upload(self, name: str, data: bytes, payload: Payload) -> torch.Tensor:
+        """Result tensor ``name`` rebuilt from the bytes a client uploaded for it
+        (:attr:`ClientResult.encoded`) for a task given ``payload``. Raises ValueError
+        naming what is wrong with ``data``. Methods whose uploads are plain tensors (the
+        default) refuse every encoded upload."""
+        raise ValueError(
+            f"{type(self).__name__} uploads plain float32 tensors; {name!r} arrived encoded"
+        )
 
 
 ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm")

@@ -343,5 +343,8 @@ class TEASQ(Algorithm):
     def upload_nbytes(self, num_params: int, version: int = 0) -> int:
         return self.compressed.upload_nbytes(num_params, version)
 
+    def decode_upload(self, name: str, data: bytes, payload: Payload) -> torch.Tensor:
+        return self.compressed.decode_upload(name, data, payload)
+
     def work_examples(self, num_examples: int, settings: Mapping[str, Any] | None = None) -> int:
         return self.compressed.work_examples(num_examples, settings)

@@ -140,6 +140,29 @@ class Compressed(Algorithm):
             return inner
         return inner - 4 * num_params + compressor.nbytes(num_params)
 
+    def decode_upload(self, name: str, data: bytes, payload: Payload) -> torch.Tensor:
+        """The update's tensor rebuilt from its message, as the client rebuilt it in step 5:
+        ``payload.params + decode(data)`` for ``"params"``, ``decode(data)`` for
+        ``"delta"``. The message must be exactly the length of the task's compressor's
+        message for the model (:meth:`Compressor.nbytes`) and pass its checks (header,
+        CRC, settings, the model's length)."""
+        compressor = self.compressor_at(payload.version)
+        if compressor is None:
+            return self.inner.decode_upload(name, data, payload)
+        if name not in ("params", "delta"):
+            raise ValueError(f"only 'params' or 'delta' travel compressed, not {name!r}")
+        n = payload.params.numel()
+        expected = compressor.nbytes(n)
+        if len(data) != expected:
+            raise ValueError(
+                f"compressed {name!r} is {len(data)} bytes; {compressor.describe()} sends "
+                f"{expected} for the model's {n} parameters"
+            )
+        received = compressor.decode(data)
+        if received.numel() != n:
+            raise ValueError(f"compressed {name!r} holds {received.numel()} values, not {n}")
+        return payload.params + received if name == "params" else received
+
     def update(
         self,
         ctx: ClientContext,
@@ -199,18 +222,20 @@ class Compressed(Algorithm):
         delta = x - payload.params if key == "params" else x
         memory = state.get(EF_MEMORY) if state is not None else None
         generator = compression_generator(ctx.seed) if compressor.randomized else None
-        sent: list[int] = []
+        sent: list[bytes] = []
 
         def transmit(p: torch.Tensor) -> torch.Tensor:
             message = compressor.encode(p, generator)
-            sent.append(len(message))
+            sent.append(message)
             return compressor.decode(message).to(p.device)
 
         step = error_feedback_step(delta, memory, transmit)
         norm = float(torch.linalg.vector_norm(step.corrected.double()))
         error = float(torch.linalg.vector_norm((step.corrected - step.transmitted).double()))
         received = payload.params + step.transmitted if key == "params" else step.transmitted
-        result = ClientResult({**tensors, key: received}, out.result.weight, out.result.scalars)
+        result = ClientResult(
+            {**tensors, key: received}, out.result.weight, out.result.scalars, {key: sent[0]}
+        )
 
         new_state = out.state
         if self.compression.error_feedback:
@@ -218,7 +243,7 @@ class Compressed(Algorithm):
             new_state = {**base, EF_MEMORY: step.memory}
         metrics = {
             **out.metrics,
-            "upload_bytes": float(others + sent[0]),
+            "upload_bytes": float(others + len(sent[0])),
             "compression_error": error / norm if norm > 0 else 0.0,
         }
         return UpdateOutput(result, new_state, metrics)

@@ -27,8 +27,9 @@ node silent for ``silent_after_s``: its client is no longer selectable and each 
 tasks in flight is lost now (its event is scheduled at once and finds no delivery), a
 dropout as when a device goes offline. A node that comes back is told it is not
 registered, registers again by itself and gets new work. A task whose node is gone when
-the engine sends it is lost at once. The task-id map keeps one short entry per task of
-the run (not built yet: forgetting delivered tasks).
+the engine sends it is lost at once. The coordinator remembers the ids of each client's
+last ``keep_tasks_per_client`` tasks (16): a result or request for an older, settled one
+is refused as not one of the run's; memory is O(clients), not O(tasks).
 
 Persistence (with a :class:`~roost.deploy.journal.Journal`): every accepted result is
 journaled before its Ack, and every event the engine consumes (and every change of the
@@ -47,7 +48,12 @@ server receives at most ``ServerConfig.max_receiving`` at once, so the server ho
 bounded number of results whatever the number of nodes.
 
 Results: a node sends its client update's own tensors (float32), weight and scalars, and
-its client metrics; the engine folds them as the local runtime folds a task. Metrics
+its client metrics; the engine folds them as the local runtime folds a task. A tensor the
+update also encoded (:attr:`ClientResult.encoded`: a compressed update) travels as those
+bytes instead (:class:`~roost.deploy.tensors.Encoded`, codec :data:`ENCODED_UPLOAD`),
+and the server rebuilds it with the algorithm's ``decode_upload`` before acknowledging,
+so a bad message is refused before anything reaches the engine. The delivery counts
+the bytes the result's tensors really took on the wire. Metrics
 travel in :attr:`Result.metrics` under ``metric.<name>``, the result's scalars under
 ``scalar.<name>``, and the node's measured compute seconds as ``compute_s``.
 """
@@ -59,7 +65,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -67,7 +73,7 @@ import torch
 
 from roost.algorithms.base import ClientResult, Payload
 from roost.clock import WallClock
-from roost.deploy.errors import NotRegistered, Resuming, WireError
+from roost.deploy.errors import NonFinite, NotRegistered, Resuming, WireError
 from roost.deploy.journal import Journal, LoggedEvent
 from roost.deploy.protocol import (
     Ack,
@@ -79,14 +85,16 @@ from roost.deploy.protocol import (
     SettingValue,
     TaskSpec,
 )
-from roost.deploy.tensors import WireValue
+from roost.deploy.tensors import Encoded, WireValue
 from roost.engine.core import ARRIVAL, REQUEST, WAKE
 from roost.engine.flight import Flight
 from roost.engine.remote import Delivery
 
 __all__ = [
+    "ENCODED_UPLOAD",
     "EngineCoordinator",
     "UnknownClient",
+    "UploadDecoder",
     "payload_from_wire",
     "payload_to_wire",
     "result_from_wire",
@@ -96,6 +104,13 @@ __all__ = [
 EXTRA = "extra."
 METRIC = "metric."
 SCALAR = "scalar."
+ENCODED_UPLOAD = "roost.upload"
+"""The codec name of a result tensor sent encoded (the algorithm's own bytes)."""
+
+UploadDecoder = Callable[[str, bytes, Payload], torch.Tensor]
+"""``(name, data, payload) -> tensor``: a result tensor rebuilt from the bytes a node sent
+for it, for a task given ``payload`` (the algorithm's ``decode_upload``); raises
+ValueError for bad bytes."""
 
 
 class UnknownClient(WireError):
@@ -135,20 +150,32 @@ def result_to_wire(
     wire_metrics = {METRIC + k: float(v) for k, v in metrics.items()}
     wire_metrics.update({SCALAR + k: float(v) for k, v in result.scalars.items()})
     wire_metrics["compute_s"] = float(compute_s)
-    tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in result.tensors.items()}
+    tensors: dict[str, WireValue] = {}
+    for name, value in result.tensors.items():
+        data = result.encoded.get(name)
+        if data is not None:
+            tensors[name] = Encoded(ENCODED_UPLOAD, data)
+        else:
+            tensors[name] = value.detach().to(torch.float32).contiguous()
     return Result(task_id, tensors, float(result.weight), wire_metrics)
 
 
 def result_from_wire(
-    result: Result, sizes: frozenset[int]
+    result: Result, payload: Payload, decode_upload: UploadDecoder | None = None
 ) -> tuple[ClientResult, dict[str, float], float]:
-    """The client result, client metrics and compute seconds of a received result.
+    """The client result, client metrics and compute seconds of a received result of a
+    task given ``payload``.
 
-    Every tensor must be a float32 vector whose length is one the task's model has
-    (``sizes``: the flat parameters and the payload's extras); the weight finite and > 0."""
+    Every tensor must be a float32 vector whose length is one the task's model has (the
+    flat parameters and the payload's extras), or, with ``decode_upload``, bytes of codec
+    :data:`ENCODED_UPLOAD` that it rebuilds into such a vector of finite values; the
+    weight must be finite and > 0."""
+    sizes = {payload.params.numel(), *(v.numel() for v in payload.extras.values())}
     tensors: dict[str, torch.Tensor] = {}
     for name, value in result.tensors.items():
-        if not isinstance(value, torch.Tensor) or value.dtype != torch.float32:
+        if isinstance(value, Encoded):
+            value = _decoded(name, value, payload, decode_upload)
+        elif not isinstance(value, torch.Tensor) or value.dtype != torch.float32:
             raise ResultRefused(f"result tensor {name!r} must be float32 values")
         if value.dim() != 1 or value.numel() not in sizes:
             raise ResultRefused(
@@ -162,6 +189,25 @@ def result_from_wire(
     scalars = {k[len(SCALAR) :]: v for k, v in result.metrics.items() if k.startswith(SCALAR)}
     compute_s = float(result.metrics.get("compute_s", 0.0))
     return ClientResult(tensors, result.weight, scalars), metrics, max(0.0, compute_s)
+
+
+def _decoded(
+    name: str, value: Encoded, payload: Payload, decode_upload: UploadDecoder | None
+) -> torch.Tensor:
+    if decode_upload is None or value.codec != ENCODED_UPLOAD:
+        allowed = f"float32 values or codec {ENCODED_UPLOAD!r}" if decode_upload else "float32"
+        raise ResultRefused(
+            f"result tensor {name!r} arrived encoded as {value.codec!r}; allowed: {allowed}"
+        )
+    try:
+        tensor = decode_upload(name, value.data, payload)
+    except ValueError as e:
+        raise ResultRefused(f"result tensor {name!r}: {e}") from None
+    if tensor.dtype != torch.float32:
+        raise ResultRefused(f"result tensor {name!r} decodes to {tensor.dtype}, not float32")
+    if not bool(torch.isfinite(tensor).all()):
+        raise NonFinite(f"result tensor {name!r} decodes to NaN or Inf values")
+    return tensor
 
 
 @dataclass
@@ -191,6 +237,8 @@ class EngineCoordinator:
         replay_step: int | None = None,
         min_nodes: int = 0,
         max_waiting_results: int = 4,
+        decode_upload: UploadDecoder | None = None,
+        keep_tasks_per_client: int = 16,
     ) -> None:
         if silent_after_s <= 0:
             raise ValueError(f"silent_after_s must be > 0, got {silent_after_s}")
@@ -202,6 +250,7 @@ class EngineCoordinator:
         self.run_config = run_config
         self.min_nodes = min_nodes
         self.max_waiting_results = max(1, max_waiting_results)
+        self.decode_upload = decode_upload
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # notified when a node may have work
         self._waiting: dict[str, int] = {}  # node -> its PullTasks waiting for work
@@ -230,7 +279,9 @@ class EngineCoordinator:
         self._last_seen: dict[str, float] = {}  # node -> time.monotonic() of its last call
         self._given: dict[str, int] = {}  # node -> the client id it was assigned (kept)
         self._key_of: dict[str, int] = {}
-        self._sizes: dict[int, frozenset[int]] = {}
+        self._recent: dict[int, collections.deque[str]] = {}  # client -> its last task ids
+        self.keep_tasks_per_client = keep_tasks_per_client
+        self._payloads: dict[int, Payload] = {}  # task key -> its payload, until settled
         self._deliveries: dict[int, Delivery] = {}
         self._pending: dict[int, _Pending] = {}
         self._cancelled: set[int] = set()
@@ -319,7 +370,7 @@ class EngineCoordinator:
                     continue
                 if delivery is not None:
                     self._deliveries[key] = delivery
-                    self._sizes.pop(key, None)
+                    self._payloads.pop(key, None)
                 else:
                     self._orphans.setdefault(spec.client_id, []).append(spec)
             if delivery is not None:
@@ -338,10 +389,10 @@ class EngineCoordinator:
             payload_to_wire(payload),
             settings,
         )
-        sizes = frozenset({payload.params.numel(), *(v.numel() for v in payload.extras.values())})
         with self._lock:
             self._key_of[task_id] = flight.key
-            self._sizes[flight.key] = sizes
+            self._payloads[flight.key] = payload
+            self._remember(flight.client_id, task_id)
             if self._replaying:  # settled when the replay ends
                 self._specs[flight.key] = spec
                 return
@@ -352,6 +403,20 @@ class EngineCoordinator:
                 self._work.notify_all()
         if node is None:  # its node left since the engine saw it connected: lost now
             self.clock.schedule(self.clock.now, ("task", flight.key), ARRIVAL)
+
+    def _remember(self, client: int, task_id: str) -> None:
+        """Keep the ids of the client's last ``keep_tasks_per_client`` tasks; forget the
+        records of older ones that are settled (no payload, delivery or request left)."""
+        recent = self._recent.setdefault(client, collections.deque())
+        recent.append(task_id)
+        while len(recent) > self.keep_tasks_per_client:
+            key = self._key_of.get(recent[0])
+            if key is not None and (
+                key in self._payloads or key in self._deliveries or key in self._pending
+            ):
+                break  # still in flight: forgotten once settled, at a later send
+            self._key_of.pop(recent.popleft(), None)
+            self._cancelled.discard(key)
 
     def answer(self, key: int, payload: Payload) -> None:
         with self._lock:
@@ -364,6 +429,7 @@ class EngineCoordinator:
         with self._lock:
             self._cancelled.add(key)
             self._specs.pop(key, None)
+            self._payloads.pop(key, None)
             if self._deliveries.pop(key, None) is not None:
                 self._work.notify_all()
             for keys in self._tasks_of.values():
@@ -383,6 +449,7 @@ class EngineCoordinator:
             current = self._current
             if self._replaying and current is not None and current.key == key:
                 self._specs.pop(key, None)  # delivered or lost in the replay: settled
+                self._payloads.pop(key, None)
                 if current.task_id is None or self.journal is None:
                     return None
                 found = self.journal.result(current.task_id)
@@ -559,14 +626,14 @@ class EngineCoordinator:
             if node_id in self._client_of:
                 self._last_seen[node_id] = time.monotonic()
             key = self._key_of.get(result.task_id)
-            sizes = self._sizes.get(key) if key is not None else None
+            payload = self._payloads.get(key) if key is not None else None
             cancelled = key in self._cancelled
-        if key is None or sizes is None:
-            return Ack(False, f"task {result.task_id} is not one of this run's")
         if cancelled:
             return Ack(False, f"task {result.task_id} no longer counts (its round closed)")
-        client_result, metrics, compute_s = result_from_wire(result, sizes)
-        delivery = Delivery(client_result, metrics, compute_s)
+        if key is None or payload is None:
+            return Ack(False, f"task {result.task_id} is not one of this run's")
+        client_result, metrics, compute_s = result_from_wire(result, payload, self.decode_upload)
+        delivery = Delivery(client_result, metrics, compute_s, result.wire.payload_bytes or None)
         with self._work:  # results wait here, not in memory, until the engine has room
             while len(self._deliveries) >= self.max_waiting_results and not self._finished:
                 self._work.wait(1.0)
@@ -576,7 +643,7 @@ class EngineCoordinator:
             self.journal.add_result(result.task_id, delivery)
         with self._lock:
             self._deliveries[key] = delivery
-            self._sizes.pop(key, None)
+            self._payloads.pop(key, None)
             self._tasks_of.get(node_id, set()).discard(key)
         self.clock.schedule(self.clock.now, ("task", key), ARRIVAL)
         return Ack(True)

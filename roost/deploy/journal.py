@@ -8,9 +8,10 @@ the moment the server died, deterministically:
 
 * ``results``: every result the server acknowledged, written (and committed, with
   ``synchronous=FULL``) *before* its Ack is sent, keyed by task id: its tensors, weight,
-  metrics and the node's compute seconds. A result acknowledged is never lost; the other
-  rows are committed with ``synchronous=NORMAL`` (they survive a crash of the process,
-  and a power loss once the next result is committed);
+  metrics, the node's compute seconds and the bytes it took on the wire. A result
+  acknowledged is never lost; the other rows are committed with ``synchronous=NORMAL``
+  (they survive a crash of the process, and a power loss once the next result is
+  committed);
 * ``events``: the network events the engine consumed, in order (a task's delivery or loss,
   a mid-task request, a wake), and the engine's own refills among them;
 * ``connected``: each answer of "which clients are connected" that differed from the
@@ -51,7 +52,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS results (
     task_id TEXT PRIMARY KEY, after_step INTEGER NOT NULL, tensors BLOB NOT NULL,
     weight REAL NOT NULL, scalars TEXT NOT NULL, metrics TEXT NOT NULL,
-    compute_s REAL NOT NULL);
+    compute_s REAL NOT NULL, upload_bytes INTEGER);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, after_step INTEGER NOT NULL,
     kind TEXT NOT NULL, key INTEGER NOT NULL, task_id TEXT);
@@ -94,6 +95,9 @@ class Journal:
         # (kill -9: WAL frames are in the OS's hands at commit), synced with the next result
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(results)")}
+        if "upload_bytes" not in columns:  # a journal written before results counted bytes
+            self._db.execute("ALTER TABLE results ADD COLUMN upload_bytes INTEGER")
         self.after_step = 0
 
     def close(self) -> None:
@@ -127,10 +131,13 @@ class Journal:
                 json.dumps(dict(r.scalars)),
                 json.dumps(delivery.metrics),
                 float(delivery.compute_s),
+                delivery.upload_bytes,
             )
             self._db.execute("PRAGMA synchronous=FULL")
             try:
-                self._db.execute("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+                self._db.execute(
+                    "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row
+                )
             finally:
                 self._db.execute("PRAGMA synchronous=NORMAL")
 
@@ -193,15 +200,16 @@ class Journal:
         """The accepted result of ``task_id``, or None."""
         with self._lock:
             row = self._db.execute(
-                "SELECT tensors, weight, scalars, metrics, compute_s FROM results "
+                "SELECT tensors, weight, scalars, metrics, compute_s, upload_bytes FROM results "
                 "WHERE task_id = ?",
                 (task_id,),
             ).fetchone()
         if row is None:
             return None
-        tensors, weight, scalars, metrics, compute_s = row
+        tensors, weight, scalars, metrics, compute_s, upload_bytes = row
         result = ClientResult(_unpack(tensors), float(weight), json.loads(scalars))
-        return Delivery(result, json.loads(metrics), float(compute_s))
+        up = None if upload_bytes is None else int(upload_bytes)
+        return Delivery(result, json.loads(metrics), float(compute_s), up)
 
     def result_ids(self) -> set[str]:
         with self._lock:

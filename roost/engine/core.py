@@ -341,6 +341,8 @@ class Engine:
         start = flight.timing.start_s
         flight.timing = TaskTiming(start, start, min(now, start + delivery.compute_s), now)
         flight.end_s = now
+        if delivery.upload_bytes is not None:
+            flight.up_bytes = delivery.upload_bytes
         self.flights.computed[flight.key] = Computed(contribution, delivery.metrics, None)
 
     def answer_remote(self, flight: Flight, payload: Payload) -> None:

@@ -41,12 +41,15 @@ __all__ = ["ConnectedNodes", "Delivery", "RemoteFleet"]
 class Delivery:
     """A task's result as the network delivered it: the client update's own tensors,
     weight and scalars (the engine folds them exactly as the local runtime folds a task),
-    the client's metrics (``train_loss`` ...) and the seconds the node measured for its
-    compute. A task with no delivery by its deadline is lost."""
+    the client's metrics (``train_loss`` ...), the seconds the node measured for its
+    compute and, when known, the bytes its tensors took on the wire (they replace the
+    task's predicted upload size in the run's ``bytes_up``). A task with no delivery by
+    its deadline is lost."""
 
     result: ClientResult
     metrics: dict[str, float]
     compute_s: float = 0.0
+    upload_bytes: int | None = None
 
 
 class RemoteFleet(Protocol):

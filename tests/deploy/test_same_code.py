@@ -72,12 +72,12 @@ def _served(tree: dict[str, Any], tmp_path: Path) -> Path:
 @dataclass(frozen=True)
 class Outcome:
     """A run served and simulated: the final versions, the largest difference of the
-    final models, and per step (clients, train loss) on each side."""
+    final models, and per step (clients, train loss, bytes uploaded) on each side."""
 
     versions: tuple[int, int]
     model_diff: float
-    served: list[tuple[int, float]]
-    simulated: list[tuple[int, float]]
+    served: list[tuple[int, float, int]]
+    simulated: list[tuple[int, float, int]]
     out: Path
 
 
@@ -88,18 +88,21 @@ def _serve_and_simulate(tree: dict[str, Any], tmp_path: Path) -> Outcome:
     want = RunDir(sim).load_checkpoint()["strategy"]
     got = RunDir(out).load_checkpoint()["strategy"]
 
-    def steps(d: Path) -> list[tuple[int, float]]:
+    def steps(d: Path) -> list[tuple[int, float, int]]:
         records = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-        return [(r["clients"], r["train_loss"]) for r in records]
+        return [(r["clients"], r["train_loss"], r["bytes_up"]) for r in records]
 
     diff = (got["params"] - want["params"]).abs().max().item()
     return Outcome((got["version"], want["version"]), diff, steps(out), steps(sim), out)
 
 
 def _same_steps(o: Outcome) -> bool:
-    """The same clients per step, and train losses equal to 1e-5."""
+    """The same clients per step, train losses equal to 1e-5, and the same bytes uploaded:
+    served, the bytes the server received on the wire; simulated, the algorithm's
+    predicted upload size (TEASQ-Fed's compressed messages included)."""
     return len(o.served) == len(o.simulated) and all(
-        c == d and abs(g - w) <= 1e-5 for (c, g), (d, w) in zip(o.served, o.simulated, strict=False)
+        c == d and abs(g - w) <= 1e-5 and up == predicted
+        for (c, g, up), (d, w, predicted) in zip(o.served, o.simulated, strict=False)
     )
 
 

@@ -201,6 +201,7 @@ def test_results_beyond_the_cap_wait_in_their_call_until_the_engine_takes_one() 
     """The server's memory of received results is bounded: with room for 1 waiting
     result, a second result's call blocks (not acknowledged) until the engine takes the
     first, then is accepted; a result for a task cancelled meanwhile is refused."""
+    from roost.algorithms.base import Payload
     from roost.clock import WallClock
     from roost.deploy.coordinator import EngineCoordinator
     from roost.deploy.protocol import NodeInfo, Result
@@ -209,7 +210,7 @@ def test_results_beyond_the_cap_wait_in_their_call_until_the_engine_takes_one() 
     coordinator.register(NodeInfo("n0", b"k" * 32, 5, {"client_id": 0}))
     for key in (1, 2, 3):  # what send() records for three tasks of a 3-parameter model
         coordinator._key_of[f"t{key}"] = key
-        coordinator._sizes[key] = frozenset({3})
+        coordinator._payloads[key] = Payload(torch.zeros(3), 0)
 
     def result(task_id: str) -> Result:
         return Result(task_id, {"params": torch.ones(3)}, 1.0, {"compute_s": 0.1})

@@ -512,7 +512,10 @@ def test_wrapper_with_lossless_topk_is_fedavg_up_to_the_float32_delta() -> None:
         inexact += int((s != w).sum())
         bound = u * (d.double().abs() + w.double().abs()) * (1 + u)
         assert torch.all((s.double() - w.double()).abs() <= bound)
-    assert inexact == 3  # of 45 client coordinates (clients 0 and 2): the rounding is real
+    # the rounding is real: some of the 45 client coordinates differ (how many depends on
+    # the trained models' last bits, i.e. on the CPU's BLAS kernels: 3 measured on one
+    # machine, 2 on another), and each is within the bound above
+    assert 1 <= inexact <= 45 // 3
 
     # Three rounds: the server models agree to a few float32 ulps (|w| < 0.5, so one ulp
     # is <= 3e-8; measured: 1 ulp on 2-3 of the 15 coordinates).
