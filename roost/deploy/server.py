@@ -94,6 +94,8 @@ class ServerConfig:
             of results in reception is at most this many results, whatever the nodes.
         max_sending: how many tasks are streamed to nodes at once (the others wait for
             a turn before their first frame), for the same reason.
+        tasks_per_node: how many of each node's last tasks the task table remembers
+            (:class:`~roost.deploy.tasks.TaskTable`; a node works one task at a time).
 
     gRPC's HTTP/2 flow-control windows are kept at their initial size (no BDP probing),
     so a call waiting for its turn buffers at most one window (64 KiB), not megabytes.
@@ -110,6 +112,7 @@ class ServerConfig:
     long_poll_s: float = 2.0
     max_receiving: int = 4
     max_sending: int = 8
+    tasks_per_node: int = 16
 
     def __post_init__(self) -> None:
         if not 1 <= self.chunk_bytes <= self.max_message_bytes - FRAME_OVERHEAD:
@@ -142,7 +145,7 @@ class DeployServicer:
         self.coordinator = coordinator
         self.verifier = verifier
         self.config = config
-        self.tasks = TaskTable()
+        self.tasks = TaskTable(config.tasks_per_node)
         self.nodes: dict[str, NodeInfo] = {}
         self._lock = threading.Lock()
         self._long_polls = threading.BoundedSemaphore(max(1, config.max_workers // 2))

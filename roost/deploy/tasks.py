@@ -12,12 +12,16 @@ the result stream, so that a resubmission is recognised). Rules it enforces:
 * two submissions of one task at once: the second waits until the first is delivered (or
   failed) and is then answered by the rules above, so the coordinator sees it once.
 
-Entries stay until :meth:`TaskTable.forget` (the engine calls it when a task can no longer
-matter); until then the table grows by one small record per task.
+Memory: the table keeps, per node, the records of the last ``keep_per_node`` tasks given
+to it (16 by default); giving it one more forgets its oldest (one being delivered is
+kept). A node trains its tasks one after another and has its result acknowledged
+before it asks for the next, so the records forgotten are of tasks it is done with; a
+late copy of one is TaskNotFound. The table holds O(nodes) records, not O(tasks).
 """
 
 from __future__ import annotations
 
+import collections
 import enum
 import threading
 from collections.abc import Mapping
@@ -48,8 +52,12 @@ class _Entry:
 class TaskTable:
     """Thread-safe; every method takes the table's lock."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_per_node: int = 16) -> None:
+        if keep_per_node < 1:
+            raise ValueError(f"keep_per_node must be >= 1, got {keep_per_node}")
+        self.keep_per_node = keep_per_node
         self._tasks: dict[str, _Entry] = {}
+        self._given: dict[str, collections.deque[str]] = {}  # node -> its task ids, in order
         self._cond = threading.Condition()
 
     def __len__(self) -> int:
@@ -75,6 +83,21 @@ class TaskTable:
                     f"{entry.node_id!r} and is {entry.state.value}; task ids must be unique"
                 )
             self._tasks[task_id] = _Entry(node_id, result_spec)
+            if entry is None:
+                self._remember(node_id, task_id)
+
+    def _remember(self, node_id: str, task_id: str) -> None:
+        """Add ``task_id`` to the node's window; forget the oldest beyond the window."""
+        given = self._given.setdefault(node_id, collections.deque())
+        given.append(task_id)
+        while len(given) > self.keep_per_node:
+            old = given[0]
+            entry = self._tasks.get(old)
+            if entry is not None and entry.state is TaskState.DELIVERING:
+                break  # its delivery ends soon; forgotten at a later give
+            given.popleft()
+            if entry is not None and entry.node_id == node_id:
+                del self._tasks[old]
 
     def _own(self, node_id: str, task_id: str) -> _Entry:
         entry = self._tasks.get(task_id)

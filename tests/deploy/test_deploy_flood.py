@@ -28,6 +28,7 @@ from _deploy_helpers import (
 from _hostile import GOOD_DELTA, HOSTILE, SPEC_NUMEL, Hostile, Scene, _good, _push
 
 from roost.deploy.protocol import Result
+from roost.deploy.server import ServerConfig
 from roost.deploy.tensors import TensorSpec
 
 TASKS = 20
@@ -59,7 +60,10 @@ def run_federation(attack: bool):
     coord.add("mallory", spec("m-1", {"p": torch.zeros(1)}, MALLORY_SPEC))
     outcomes: list[tuple[Hostile, grpc.StatusCode, str]] = []
     times: dict[str, float] = {}
-    with running_server(coord, fed) as server:
+    # alice's a-1 must stay "given to alice" through her 20 tasks, so that a result for it
+    # from mallory is WrongTask: the table remembers more than its default 16 per node
+    # (past them a-1 is forgotten and TaskNotFound, tests/deploy/test_task_records.py)
+    with running_server(coord, fed, config=ServerConfig(tasks_per_node=TASKS + 1)) as server:
         mallory = client(server, fed.mallory)
         mallory.pull_task()
         mallory.push_result(Result("m-done", {"delta": GOOD_DELTA}, 1.0))
