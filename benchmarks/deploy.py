@@ -1003,6 +1003,20 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+def _cells(p: argparse.ArgumentParser, text: str) -> list[tuple[str, int, str]]:
+    cells = []
+    for item in text.split(","):
+        model, _, rest = item.partition(":")
+        nodes, _, alloc = rest.partition(":")
+        if model not in MODELS or alloc not in ALLOCATORS or not nodes.isdigit():
+            p.error(
+                f"--cells: {item!r} is not MODEL:NODES:ALLOCATOR with MODEL one of "
+                f"{', '.join(MODELS)} and ALLOCATOR one of {', '.join(ALLOCATORS)}"
+            )
+        cells.append((model, int(nodes), alloc))
+    return cells
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description="Deployment on loopback against simulation")
     p.add_argument("--reps", type=int, default=3)
@@ -1012,6 +1026,12 @@ def main() -> None:
         help="1 repetition, fewer rounds, nodes and cells: under a minute",
     )
     p.add_argument("--parts", default="overhead,throughput,memory")
+    p.add_argument(
+        "--cells",
+        default="",
+        help="part 3's cells instead of the plan's, as MODEL:NODES:ALLOCATOR,... "
+        f"(models {', '.join(MODELS)}; allocators {', '.join(ALLOCATORS)}); no trace run",
+    )
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
     from precompile import compile_roost
@@ -1019,6 +1039,8 @@ def main() -> None:
     print(compile_roost(), flush=True)
     reps = 1 if args.quick else args.reps
     plan = PLANS["quick" if args.quick else "full"]
+    if args.cells:
+        plan = {**plan, "memory": {**plan["memory"], "cells": _cells(p, args.cells), "trace": None}}
     runners: dict[str, Callable[..., dict[str, Any]]] = {
         "overhead": overhead,
         "throughput": throughput,

@@ -373,6 +373,7 @@ def _node_worker(
         store=store,
         first_step=int(checkpoint["round"]) if checkpoint else 0,
         on_commit=record if state_file is not None else None,
+        test_data=dataset.client_test_data(data_client),
     )
     return worker, dataset.num_examples(data_client)
 

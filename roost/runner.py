@@ -251,13 +251,6 @@ def _execute_run(
         with contextlib.suppress(Exception):
             system.set_model_cost(macs_per_example(parts.build_module(), dataset.info))
     else:  # deployed: wall time, and the nodes that are connected
-        if algorithm.evaluates_personal_models():
-            raise ConfigError(
-                "algorithm",
-                cfg.name("algorithm"),
-                "evaluates personal models from the clients' state, which a deployment "
-                "keeps on the nodes; deploying it is not built yet",
-            )
         start_s = float(checkpoint["virtual_time_s"]) if checkpoint is not None else 0.0
         clock = WallClock(start_s)
         step = int(checkpoint["round"]) if checkpoint is not None else None

@@ -16,7 +16,7 @@ except Exception as e:  # ImportError, or protobuf's VersionError
 
 __all__ = ["FRAME_OVERHEAD", "METHODS", "PROTOCOL_VERSION", "SERVICE", "pb"]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 """The ``protocol_version`` every message of this code carries and expects."""
 
 SERVICE = "roost.deploy.v1.Deploy"

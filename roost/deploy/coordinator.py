@@ -83,12 +83,13 @@ from roost.deploy.protocol import (
     Registration,
     Result,
     SettingValue,
+    TaskKind,
     TaskSpec,
 )
 from roost.deploy.tensors import Encoded, WireValue
 from roost.engine.core import ARRIVAL, REQUEST, WAKE
 from roost.engine.flight import Flight
-from roost.engine.remote import Delivery
+from roost.engine.remote import ClientEvaluation, Delivery
 
 __all__ = [
     "ENCODED_UPLOAD",
@@ -210,6 +211,53 @@ def _decoded(
     return tensor
 
 
+EVAL_LOSS, EVAL_ACCURACY, EVAL_EXAMPLES = "eval.loss", "eval.accuracy", "eval.examples"
+
+
+def evaluation_to_wire(task_id: str, loss: float, accuracy: float, examples: int) -> Result:
+    """What a node sends for an evaluation task: no tensors, three metrics."""
+    metrics = {EVAL_LOSS: float(loss), EVAL_ACCURACY: float(accuracy)}
+    metrics[EVAL_EXAMPLES] = float(examples)
+    return Result(task_id, {}, 1.0, metrics)
+
+
+def evaluation_from_wire(result: Result, client_id: int) -> ClientEvaluation:
+    """The measurement of a received evaluation result: no tensors; a finite loss >= 0,
+    an accuracy in [0, 1] and a whole number of examples >= 0 (accuracy times examples
+    a whole number of correct predictions, to 1e-6)."""
+    if result.tensors:
+        raise ResultRefused(
+            f"an evaluation result holds no tensors, got {', '.join(sorted(result.tensors))}"
+        )
+    m = result.metrics
+    missing = [k for k in (EVAL_LOSS, EVAL_ACCURACY, EVAL_EXAMPLES) if k not in m]
+    if missing:
+        raise ResultRefused(f"an evaluation result needs the metrics {', '.join(missing)}")
+    loss, accuracy, examples = m[EVAL_LOSS], m[EVAL_ACCURACY], m[EVAL_EXAMPLES]
+    if not (math.isfinite(loss) and loss >= 0):
+        raise ResultRefused(f"{EVAL_LOSS} must be a finite number >= 0, got {loss}")
+    if not (0 <= examples <= 2**53 and examples == int(examples)):
+        raise ResultRefused(f"{EVAL_EXAMPLES} must be a whole number >= 0, got {examples}")
+    correct = accuracy * examples
+    if not (0 <= accuracy <= 1 and abs(correct - round(correct)) <= 1e-6 * max(1, examples)):
+        raise ResultRefused(
+            f"{EVAL_ACCURACY} must be a fraction in [0, 1] of the {int(examples)} examples, "
+            f"got {accuracy}"
+        )
+    return ClientEvaluation(client_id, float(loss), float(accuracy), int(examples))
+
+
+@dataclass
+class _Evaluation:
+    """One evaluation of the connected clients' personal models, being answered."""
+
+    expected: set[int]
+    answers: dict[int, ClientEvaluation] = field(default_factory=dict)
+
+    def done(self) -> bool:
+        return self.expected <= set(self.answers)
+
+
 @dataclass
 class _Pending:
     """A mid-task request waiting for the engine's answer."""
@@ -285,6 +333,8 @@ class EngineCoordinator:
         self._deliveries: dict[int, Delivery] = {}
         self._pending: dict[int, _Pending] = {}
         self._cancelled: set[int] = set()
+        self._evaluations = 0  # evaluations since the checkpoint (their journal index)
+        self._evaluating: dict[str, tuple[_Evaluation, int]] = {}  # task id -> (it, client)
         self._finished = False
         self._told: set[str] = set()  # nodes told that the run is over
         self._watchdog: threading.Thread | None = None
@@ -328,13 +378,18 @@ class EngineCoordinator:
             if self._replay:
                 self._current = self._replay.popleft()
                 return self._current.kind, self._current.key
+        self._go_live()
+        return None
+
+    def _go_live(self) -> None:
+        """End the replay: settle the tasks in flight and wait for ``min_nodes`` nodes."""
+        with self._lock:
             self._replaying = False
             self._current = None
             self._last_mask = None  # the live mask is logged at the next query
             specs, self._specs = self._specs, {}
         self._settle(specs)
         self.wait_for_nodes()
-        return None
 
     def wait_for_nodes(self, poll_s: float = 0.02) -> None:
         """Block until ``min_nodes`` nodes are connected (at the start of a run, and when
@@ -358,7 +413,7 @@ class EngineCoordinator:
         if self.journal is not None:
             self.journal.checkpointed(step, [f"{self._prefix}-{k}" for k in in_flight])
             with self._lock:
-                self._queries, self._last_mask = 0, None
+                self._queries, self._last_mask, self._evaluations = 0, None, 0
 
     def _settle(self, specs: dict[int, TaskSpec]) -> None:
         """After the replay: deliver from the journal what was accepted before the
@@ -403,6 +458,68 @@ class EngineCoordinator:
                 self._work.notify_all()
         if node is None:  # its node left since the engine saw it connected: lost now
             self.clock.schedule(self.clock.now, ("task", flight.key), ARRIVAL)
+
+    def evaluate_clients(self, initial: Payload) -> list[ClientEvaluation]:
+        """Send an evaluation task to every connected client's node and wait (at most
+        ``task_timeout_s``) until each has answered or left; journaled, and answered from
+        the journal in a replay (a replay that finds none goes live and measures now)."""
+        with self._lock:
+            index = self._evaluations
+            self._evaluations += 1
+            replaying = self._replaying
+        if replaying:
+            logged = self.journal.evaluation(index) if self.journal is not None else None
+            if logged is not None:
+                return logged
+            self._go_live()  # the server stopped during this evaluation: measure it now
+        evaluation = self._send_evaluations(index, initial)
+        deadline = time.monotonic() + self.task_timeout_s
+        with self._work:
+            while not evaluation.done() and not self._finished:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._work.wait(min(left, 1.0))
+            for task_id in [t for t, (e, _) in self._evaluating.items() if e is evaluation]:
+                del self._evaluating[task_id]
+                for queue in self._queues.values():
+                    for spec in [q for q in queue if q.task_id == task_id]:
+                        queue.remove(spec)
+            measured = [evaluation.answers[c] for c in sorted(evaluation.answers)]
+        if self.journal is not None:
+            self.journal.add_evaluation(index, measured)
+        return measured
+
+    def _send_evaluations(self, index: int, initial: Payload) -> _Evaluation:
+        wire = payload_to_wire(initial)
+        with self._lock:
+            clients = [c for c in sorted(self._node_of) if self._connected[c]]
+            evaluation = _Evaluation(set(clients))
+            for client in clients:
+                step = self.journal.after_step if self.journal is not None else 0
+                task_id = f"{self._prefix}-s{step}e{index}-{client}"
+                spec = TaskSpec(
+                    task_id, client, initial.version, 0, 0, wire, kind=TaskKind.EVALUATE
+                )
+                self._evaluating[task_id] = (evaluation, client)
+                node = self._node_of[client]
+                self._queues.setdefault(node, collections.deque()).append(spec)
+            self._work.notify_all()
+        return evaluation
+
+    def _accept_evaluation(self, node_id: str, result: Result) -> Ack:
+        with self._lock:
+            entry = self._evaluating.get(result.task_id)
+        if entry is None:
+            return Ack(False, f"evaluation {result.task_id} is over")
+        evaluation, client = entry
+        measured = evaluation_from_wire(result, client)
+        with self._work:
+            if self._evaluating.get(result.task_id) is not entry:
+                return Ack(False, f"evaluation {result.task_id} is over")
+            evaluation.answers[client] = measured
+            self._work.notify_all()
+        return Ack(True)
 
     def _remember(self, client: int, task_id: str) -> None:
         """Keep the ids of the client's last ``keep_tasks_per_client`` tasks; forget the
@@ -475,6 +592,10 @@ class EngineCoordinator:
             self._queues.pop(node_id, None)
             self._last_seen.pop(node_id, None)
             lost = self._tasks_of.pop(node_id, set())
+            if client is not None:  # an evaluation waits for it no more
+                for evaluation, c in self._evaluating.values():
+                    if c == client:
+                        evaluation.expected.discard(client)
             self._work.notify_all()  # its waiting pull, if any, returns
         for key in sorted(lost):
             self.clock.schedule(self.clock.now, ("task", key), ARRIVAL)
@@ -625,9 +746,12 @@ class EngineCoordinator:
             self._serving()
             if node_id in self._client_of:
                 self._last_seen[node_id] = time.monotonic()
+            evaluation = result.task_id in self._evaluating
             key = self._key_of.get(result.task_id)
             payload = self._payloads.get(key) if key is not None else None
             cancelled = key in self._cancelled
+        if evaluation:
+            return self._accept_evaluation(node_id, result)
         if cancelled:
             return Ack(False, f"task {result.task_id} no longer counts (its round closed)")
         if key is None or payload is None:

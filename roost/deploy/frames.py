@@ -33,6 +33,7 @@ from roost.deploy.protocol import (
     Result,
     SettingValue,
     Task,
+    TaskKind,
     TaskSpec,
     WireStats,
 )
@@ -144,6 +145,7 @@ def task_frames(spec: TaskSpec, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Itera
         seed=spec.seed,
         round=spec.round,
         payload=manifest,
+        kind=f"TASK_KIND_{spec.kind.name}",
     )
     put_settings(header.settings, spec.settings)
     return _frames(pb.TaskFrame, header, chunks)
@@ -198,6 +200,13 @@ def read_task(frames: Iterable[bytes], limits: Limits | None = None) -> Task | N
     if which != "header":
         raise MalformedMessage(f"PullTask's first frame is {which}, not a header")
     h = frame.header
+    try:
+        kind = TaskKind(h.kind)
+    except ValueError:
+        raise MalformedMessage(
+            f"task kind {h.kind} is not one of "
+            f"{', '.join(f'{k.value} ({k.name})' for k in TaskKind)}"
+        ) from None
     decoder = Decoder(h.payload, limits or Limits())
     wire = _read_chunks(pb.TaskFrame, it, decoder, len(first))
     return Task(
@@ -209,6 +218,7 @@ def read_task(frames: Iterable[bytes], limits: Limits | None = None) -> Task | N
         payload=decoder.finish(),
         settings=read_settings(h.settings),
         wire=wire,
+        kind=kind,
     )
 
 

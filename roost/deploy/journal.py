@@ -16,6 +16,8 @@ the moment the server died, deterministically:
   a mid-task request, a wake), and the engine's own refills among them;
 * ``connected``: each answer of "which clients are connected" that differed from the
   previous one, by the index of the engine's query.
+* ``evaluations``: each evaluation of the clients' personal models (Ditto's), as the
+  nodes measured it, by its index since the checkpoint.
 
 Every row carries ``after_step``: the server step of the checkpoint it follows. Resuming
 from the checkpoint of step ``s`` replays the rows with ``after_step = s``; older rows
@@ -41,7 +43,7 @@ import numpy as np
 import torch
 
 from roost.algorithms.base import ClientResult
-from roost.engine.remote import Delivery
+from roost.engine.remote import ClientEvaluation, Delivery
 
 __all__ = ["JOURNAL_FILE", "Journal", "LoggedEvent"]
 
@@ -56,6 +58,9 @@ CREATE TABLE IF NOT EXISTS results (
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, after_step INTEGER NOT NULL,
     kind TEXT NOT NULL, key INTEGER NOT NULL, task_id TEXT);
+CREATE TABLE IF NOT EXISTS evaluations (
+    after_step INTEGER NOT NULL, idx INTEGER NOT NULL, measured TEXT NOT NULL,
+    PRIMARY KEY (after_step, idx));
 CREATE TABLE IF NOT EXISTS connected (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, after_step INTEGER NOT NULL,
     query INTEGER NOT NULL, mask BLOB NOT NULL, size INTEGER NOT NULL);
@@ -148,6 +153,30 @@ class Journal:
                 (self.after_step, event.kind, event.key, event.task_id),
             )
 
+    def add_evaluation(self, index: int, measured: list[ClientEvaluation]) -> None:
+        """Record evaluation ``index`` (since the checkpoint) of the clients' personal
+        models: what each client's node measured."""
+        rows = [[e.client_id, e.loss, e.accuracy, e.examples] for e in measured]
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO evaluations VALUES (?, ?, ?)",
+                (self.after_step, index, json.dumps(rows)),
+            )
+
+    def evaluation(self, index: int) -> list[ClientEvaluation] | None:
+        """Evaluation ``index`` since the checkpoint of ``after_step``, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT measured FROM evaluations WHERE after_step = ? AND idx = ?",
+                (self.after_step, index),
+            ).fetchone()
+        if row is None:
+            return None
+        return [
+            ClientEvaluation(int(c), float(loss), float(acc), int(n))
+            for c, loss, acc, n in json.loads(row[0])
+        ]
+
     def add_connected(self, query: int, mask: np.ndarray) -> None:
         with self._lock:
             self._db.execute(
@@ -165,6 +194,7 @@ class Journal:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("DELETE FROM events WHERE after_step < ?", (step,))
             self._db.execute("DELETE FROM connected WHERE after_step < ?", (step,))
+            self._db.execute("DELETE FROM evaluations WHERE after_step < ?", (step,))
             self._db.execute("CREATE TEMP TABLE IF NOT EXISTS keep (task_id TEXT PRIMARY KEY)")
             self._db.execute("DELETE FROM keep")
             self._db.executemany("INSERT INTO keep VALUES (?)", [(t,) for t in keep])

@@ -20,14 +20,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from roost.deploy.client import RemoteRefusal
-from roost.deploy.coordinator import payload_from_wire, result_to_wire
-from roost.deploy.protocol import RequestKind
+from roost.deploy.coordinator import evaluation_to_wire, payload_from_wire, result_to_wire
+from roost.deploy.protocol import RequestKind, TaskKind
 from roost.deploy.protocol import Result as WireResult
 from roost.runtime.base import Task
 from roost.runtime.capture import CapturingAlgorithm
 from roost.runtime.local import LocalRuntime
 
 if TYPE_CHECKING:
+    from roost.data.base import ClientData
     from roost.deploy.client import NodeClient
     from roost.deploy.protocol import Task as WireTask
     from roost.state.base import ClientStateStore
@@ -49,6 +50,11 @@ class NodeWorker:
     ``store`` (the job's client state store), if given, brackets each task as one step
     (``begin_round``/``commit``, numbered from ``first_step + 1``), and ``on_commit`` is
     called after each commit (a node on disk records there what it committed).
+
+    An evaluation task (:attr:`TaskKind.EVALUATE`) measures the client's personal model
+    (the algorithm's ``personal_params`` of its state in ``store``; the payload's model
+    when it has no state yet) on ``test_data``, its own test split, and sends the loss,
+    accuracy and number of examples (0 without a test split); it changes no state.
     """
 
     def __init__(
@@ -62,6 +68,7 @@ class NodeWorker:
         store: ClientStateStore | None = None,
         first_step: int = 0,
         on_commit: Callable[[], None] | None = None,
+        test_data: ClientData | None = None,
     ) -> None:
         self.client = client
         self.runtime = runtime
@@ -71,6 +78,8 @@ class NodeWorker:
         self.store = store
         self.step = first_step
         self.on_commit = on_commit
+        self.test_data = test_data
+        self.evaluated = 0
         self.done = 0
         self.dropped = 0
         self._keys = 0
@@ -88,6 +97,8 @@ class NodeWorker:
                 f"the server sent a task of client {task.client_id} to the node of client "
                 f"{self.client_id}"
             )
+        if task.kind is TaskKind.EVALUATE:
+            return self._evaluate(task)
         identity = (task.task_id, task.model_version, task.seed, task.round)
         if self._kept is not None and self._kept[0] == identity:
             return self._push(task.task_id, self._kept[1])
@@ -134,6 +145,21 @@ class NodeWorker:
         wire = result_to_wire(task.task_id, result, metrics, compute_s)
         self._kept = (identity, wire)
         return self._push(task.task_id, wire)
+
+    def _evaluate(self, task: WireTask) -> bool:
+        """Measure the personal model on the test split and push the three metrics."""
+        test = self.test_data
+        loss, accuracy, examples = 0.0, 0.0, 0
+        if test is not None and len(test) > 0:
+            state = self.store.get(self.data_client) if self.store is not None else None
+            if state is None:
+                params = payload_from_wire(task.payload, task.model_version).params
+            else:
+                params = self.capture.personal_params(state)
+            loss, accuracy = self.runtime.evaluate(params, test)
+            examples = len(test)
+        self.evaluated += 1
+        return self._push(task.task_id, evaluation_to_wire(task.task_id, loss, accuracy, examples))
 
     def _push(self, task_id: str, result: WireResult) -> bool:
         try:

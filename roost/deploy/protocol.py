@@ -29,6 +29,7 @@ __all__ = [
     "Result",
     "SettingValue",
     "Task",
+    "TaskKind",
     "TaskSpec",
     "WireStats",
 ]
@@ -42,6 +43,15 @@ class RequestKind(enum.Enum):
 
     FETCH_MODEL = 1
     """The current global model (FedASMU's mid-task fetch of a fresher model)."""
+
+
+class TaskKind(enum.Enum):
+    """What a task asks of its node (the proto's ``TaskKind``)."""
+
+    TRAIN = 0
+    """Train from the payload's model and return the update."""
+    EVALUATE = 1
+    """Measure the client's personal model on its test split; return only metrics."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,7 @@ class TaskSpec:
     payload: Mapping[str, WireValue]
     settings: Mapping[str, SettingValue] = field(default_factory=dict)
     result_spec: Mapping[str, TensorSpec] | None = None
+    kind: TaskKind = TaskKind.TRAIN
 
 
 @dataclass(frozen=True)
@@ -115,6 +126,7 @@ class Task:
     payload: dict[str, WireValue]
     settings: dict[str, SettingValue]
     wire: WireStats = WireStats()
+    kind: TaskKind = TaskKind.TRAIN
 
 
 @dataclass(frozen=True)

@@ -440,18 +440,35 @@ class Engine:
         """Every client's personal model on its own test split (clients with no state yet
         at the initial model): ``personal_accuracy`` = correct predictions over all
         clients' test examples, ``personal_loss`` example-weighted, and how many clients
-        were measured. Empty when the data has no per-client test splits."""
-        if self.state_store is None or self.initial_params is None:
-            raise RuntimeError("personal evaluation needs the state store and w^0")
+        were measured. Empty when the data has no per-client test splits.
+
+        Deployed (``remote``), the state and the test splits are on the nodes: each
+        connected client's node measures its own (:meth:`RemoteFleet.evaluate_clients`)."""
+        if self.initial_params is None:
+            raise RuntimeError("personal evaluation needs w^0")
+        measured: list[tuple[float, float, int]] = []
+        if self.remote is not None:
+            initial = Payload(self.initial_params, 0)
+            measured = [
+                (e.loss, e.accuracy, e.examples) for e in self.remote.evaluate_clients(initial)
+            ]
+        else:
+            if self.state_store is None:
+                raise RuntimeError("personal evaluation needs the state store")
+            for cid in range(self.dataset.num_clients):
+                test = self.dataset.client_test_data(cid)
+                if test is None or len(test) == 0:
+                    continue
+                state = self.state_store.get(cid)
+                params = (
+                    self.initial_params if state is None else self.algorithm.personal_params(state)
+                )
+                loss, acc = self.runtime.evaluate(params, test)
+                measured.append((loss, acc, len(test)))
         loss_sum, correct, examples, clients = 0.0, 0, 0, 0
-        for cid in range(self.dataset.num_clients):
-            test = self.dataset.client_test_data(cid)
-            if test is None or len(test) == 0:
+        for loss, acc, n in measured:
+            if n == 0:
                 continue
-            state = self.state_store.get(cid)
-            params = self.initial_params if state is None else self.algorithm.personal_params(state)
-            loss, acc = self.runtime.evaluate(params, test)
-            n = len(test)
             loss_sum += loss * n
             correct += round(acc * n)
             examples += n

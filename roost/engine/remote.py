@@ -34,7 +34,7 @@ from roost.system.model import DeviceProfile, SystemModel, TaskTiming
 if TYPE_CHECKING:
     from roost.engine.flight import Flight
 
-__all__ = ["ConnectedNodes", "Delivery", "RemoteFleet"]
+__all__ = ["ClientEvaluation", "ConnectedNodes", "Delivery", "RemoteFleet"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,17 @@ class Delivery:
     metrics: dict[str, float]
     compute_s: float = 0.0
     upload_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class ClientEvaluation:
+    """A client's personal model measured on its node: the mean ``loss`` and the
+    ``accuracy`` on its ``examples`` test examples."""
+
+    client_id: int
+    loss: float
+    accuracy: float
+    examples: int
 
 
 class RemoteFleet(Protocol):
@@ -99,6 +110,13 @@ class RemoteFleet(Protocol):
 
     def checkpointed(self, step: int, in_flight: list[int]) -> None:
         """A checkpoint of ``step`` is on disk, with the tasks ``in_flight``."""
+        ...
+
+    def evaluate_clients(self, initial: Payload) -> list[ClientEvaluation]:
+        """Every connected client's personal model measured on its node, on its own test
+        split (a client with no state yet: ``initial``'s model); blocks until each has
+        answered, left, or timed out. A resumed run replaying gets the measurements made
+        before its restart."""
         ...
 
 

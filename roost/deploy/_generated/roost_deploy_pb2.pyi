@@ -11,10 +11,17 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_KIND_TRAIN: _ClassVar[TaskKind]
+    TASK_KIND_EVALUATE: _ClassVar[TaskKind]
+
 class RequestKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     REQUEST_KIND_UNSPECIFIED: _ClassVar[RequestKind]
     REQUEST_KIND_FETCH_MODEL: _ClassVar[RequestKind]
+TASK_KIND_TRAIN: TaskKind
+TASK_KIND_EVALUATE: TaskKind
 REQUEST_KIND_UNSPECIFIED: RequestKind
 REQUEST_KIND_FETCH_MODEL: RequestKind
 
@@ -105,7 +112,7 @@ class PullTaskRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., node_id: _Optional[str] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("task_id", "client_id", "model_version", "seed", "round", "settings", "payload")
+    __slots__ = ("task_id", "client_id", "model_version", "seed", "round", "settings", "payload", "kind")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +120,7 @@ class TaskHeader(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     client_id: int
     model_version: int
@@ -120,7 +128,8 @@ class TaskHeader(_message.Message):
     round: int
     settings: _containers.RepeatedCompositeFieldContainer[Setting]
     payload: Manifest
-    def __init__(self, task_id: _Optional[str] = ..., client_id: _Optional[int] = ..., model_version: _Optional[int] = ..., seed: _Optional[int] = ..., round: _Optional[int] = ..., settings: _Optional[_Iterable[_Union[Setting, _Mapping]]] = ..., payload: _Optional[_Union[Manifest, _Mapping]] = ...) -> None: ...
+    kind: TaskKind
+    def __init__(self, task_id: _Optional[str] = ..., client_id: _Optional[int] = ..., model_version: _Optional[int] = ..., seed: _Optional[int] = ..., round: _Optional[int] = ..., settings: _Optional[_Iterable[_Union[Setting, _Mapping]]] = ..., payload: _Optional[_Union[Manifest, _Mapping]] = ..., kind: _Optional[_Union[TaskKind, str]] = ...) -> None: ...
 
 class NoTask(_message.Message):
     __slots__ = ("retry_after_ms", "finished")
