@@ -18,7 +18,9 @@ id assigned stays that node's while the server runs). Registration tells the nod
 and the run's config (JSON), makes its client available and wakes an engine that waits for
 nodes; a registration with the
 property ``ready=False`` only reserves the id and fetches the config (a node then builds
-its data, silent, and registers again to take work).
+its data, silent, and registers again to take work). A reservation not followed by that
+second registration within ``reserve_timeout_s`` (10 minutes) expires: the id is free
+again, and a node that never took work with it is no longer given it.
 
 Silent nodes: every call of a node counts as a sign of life (an idle node asks for work
 every ``retry_after_s``, a busy one heartbeats every ``heartbeat_interval_s``). The
@@ -270,7 +272,9 @@ class EngineCoordinator:
     """See the module docstring. ``task_timeout_s``: seconds after dispatch when a task
     with no result is lost; ``answer_timeout_s``: how long a mid-task request may wait;
     ``silent_after_s``: how long a node may say nothing before the watchdog disconnects
-    it; ``run_config``: the JSON told to every node at registration."""
+    it; ``run_config``: the JSON told to every node at registration;
+    ``reserve_timeout_s``: how long a client id reserved by a node that is not ready yet
+    stays its."""
 
     def __init__(
         self,
@@ -287,6 +291,7 @@ class EngineCoordinator:
         max_waiting_results: int = 4,
         decode_upload: UploadDecoder | None = None,
         keep_tasks_per_client: int = 16,
+        reserve_timeout_s: float = 600.0,
     ) -> None:
         if silent_after_s <= 0:
             raise ValueError(f"silent_after_s must be > 0, got {silent_after_s}")
@@ -326,6 +331,9 @@ class EngineCoordinator:
         self._tasks_of: dict[str, set[int]] = {}  # node -> keys of its tasks in flight
         self._last_seen: dict[str, float] = {}  # node -> time.monotonic() of its last call
         self._given: dict[str, int] = {}  # node -> the client id it was assigned (kept)
+        self._reserved: dict[str, float] = {}  # node -> when it reserved (not ready yet)
+        self._ready_once: set[str] = set()  # nodes that took work at least once
+        self.reserve_timeout_s = reserve_timeout_s
         self._key_of: dict[str, int] = {}
         self._recent: dict[int, collections.deque[str]] = {}  # client -> its last task ids
         self.keep_tasks_per_client = keep_tasks_per_client
@@ -341,6 +349,8 @@ class EngineCoordinator:
         self._stop_watchdog = threading.Event()
         self.disconnected: list[str] = []
         """Nodes the watchdog disconnected, in order (a node may appear more than once)."""
+        self.released: list[str] = []
+        """Nodes whose reservation expired, in order."""
 
     # ---- the engine's side (RemoteFleet)
     def connected(self, num_clients: int) -> np.ndarray:
@@ -610,10 +620,24 @@ class EngineCoordinator:
                 for n, seen in self._last_seen.items()
                 if now - seen >= self.silent_after_s and n not in self._waiting
             )
+            for node_id, since in list(self._reserved.items()):
+                if now - since >= self.reserve_timeout_s:
+                    self._release(node_id)
         for node_id in silent:
             self.disconnect(node_id)
         self.disconnected += silent
         return silent
+
+    def _release(self, node_id: str) -> None:
+        """Under the lock: a reservation expired; its client id is free again (also for
+        the node itself, if it never took work with it)."""
+        del self._reserved[node_id]
+        client = self._client_of.pop(node_id, None)
+        if client is not None and self._node_of.get(client) == node_id:
+            del self._node_of[client]
+        if node_id not in self._ready_once:
+            self._given.pop(node_id, None)
+        self.released.append(node_id)
 
     def start_watchdog(self, every_s: float | None = None) -> None:
         """Run :meth:`check_silent` every ``every_s`` (a quarter of ``silent_after_s``
@@ -696,7 +720,10 @@ class EngineCoordinator:
             if raw is None:  # assigned: this node's for the server's life
                 self._given[node.node_id] = client
             if ready is False:  # the id is the node's, but it takes no work yet
+                self._reserved[node.node_id] = time.monotonic()
                 return Registration(client, self.run_config)
+            self._reserved.pop(node.node_id, None)
+            self._ready_once.add(node.node_id)
             self._connected[client] = True
             queue = self._queues.setdefault(node.node_id, collections.deque())
             for spec in self._orphans.pop(client, []):  # sent before a restart: again

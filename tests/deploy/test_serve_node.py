@@ -237,6 +237,30 @@ def test_results_beyond_the_cap_wait_in_their_call_until_the_engine_takes_one() 
     assert [a.accepted for a in acks] == [True, False]  # type: ignore[attr-defined]
 
 
+def test_a_reservation_that_never_becomes_ready_expires_and_frees_its_client_id() -> None:
+    """Ids are the lowest free: A reserves 0 (``ready=False``: it builds its data), B
+    takes 1. A never comes back; once ``reserve_timeout_s`` has passed the watchdog frees
+    0, so C gets 0 (not 2). A node that did take work keeps its id (B: 1, registering
+    again after it left)."""
+    from roost.clock import WallClock
+    from roost.deploy.coordinator import EngineCoordinator
+    from roost.deploy.protocol import NodeInfo
+
+    coordinator = EngineCoordinator(WallClock(), 4, reserve_timeout_s=100.0)
+    node = {n: NodeInfo(n, b"k" * 32, 5, {}) for n in "ABC"}
+    reserving = NodeInfo("A", b"k" * 32, 0, {"ready": False})
+    assert coordinator.register(reserving).client_id == 0
+    assert coordinator.register(node["B"]).client_id == 1
+    now = time.monotonic()
+    # at 50 s B has been silent for more than 30 s: disconnected; A's 100 s are not over
+    assert coordinator.check_silent(now + 50.0) == ["B"] and coordinator.released == []
+    assert coordinator.check_silent(now + 101.0) == []
+    assert coordinator.released == ["A"]
+    assert coordinator.register(node["C"]).client_id == 0
+    assert coordinator.register(node["B"]).client_id == 1  # its own id, kept
+    assert coordinator.register(node["A"]).client_id == 2  # A, back, gets a free one
+
+
 def test_serve_makes_glibc_return_model_size_blocks_to_the_os() -> None:
     """On Linux with glibc (the machines here), mallopt(M_MMAP_THRESHOLD, 1 MiB) succeeds:
     a freed 6 MB result buffer is unmapped at once instead of kept in a thread's arena."""
