@@ -3,7 +3,11 @@ cut, and one training iteration over micro-batches.
 
 * :mod:`~roost.split.cut` — :func:`cut_module`, :class:`SplitLayout`;
 * :mod:`~roost.split.messages` — :class:`Activations`, :class:`Gradient` and their bytes;
-* :mod:`~roost.split.step` — :func:`split_iteration` (PiPar's micro-batch order).
+* :mod:`~roost.split.step` — :func:`split_iteration` (PiPar's micro-batch order);
+* :mod:`~roost.split.pipeline` — PiPar's stage graph (:func:`makespan`) and its automated
+  choice of cut and micro-batch count (:func:`choose_split`);
+* :mod:`~roost.split.profile` — per-layer forward and backward seconds and output sizes,
+  measured on this host (:func:`profile_layers`).
 
 Not built yet: the split-learning methods (vanilla split learning, SplitFed v1/v2, PiPar,
 deprune/prune) on the engine, their virtual-time resources, and their deployment.
@@ -11,6 +15,8 @@ deprune/prune) on the engine, their virtual-time resources, and their deployment
 
 from roost.split.cut import SplitLayout, SplitModule, cut_module, num_cut_points
 from roost.split.messages import WIRE_DTYPES, Activations, Gradient, label_dtype, wire_dtype
+from roost.split.pipeline import LayerCosts, SplitChoice, StageTotals, choose_split, makespan
+from roost.split.profile import LayerProfile, profile_layers
 from roost.split.step import IterationResult, micro_batch_size, split_iteration
 
 __all__ = [
@@ -18,12 +24,19 @@ __all__ = [
     "Activations",
     "Gradient",
     "IterationResult",
+    "LayerCosts",
+    "LayerProfile",
+    "SplitChoice",
     "SplitLayout",
     "SplitModule",
+    "StageTotals",
+    "choose_split",
     "cut_module",
     "label_dtype",
+    "makespan",
     "micro_batch_size",
     "num_cut_points",
+    "profile_layers",
     "split_iteration",
     "wire_dtype",
 ]
