@@ -797,7 +797,11 @@ def throughput(reps: int, nodes: int, rounds: int, retries: list[float]) -> dict
     return out
 
 
-MODELS = {"mlp64": {"name": "mlp", "hidden": [64]}, "cnn": {"name": "cnn"}}
+MODELS = {
+    "mlp64": {"name": "mlp", "hidden": [64]},
+    "cnn": {"name": "cnn"},
+    "cnn2048": {"name": "cnn", "hidden": 2048},  # 6.5 M parameters, 24.8 MiB
+}
 ALLOCATORS = {"glibc": {}, "mmap1M": {"MALLOC_MMAP_THRESHOLD_": str(MIB)}}
 """The server's allocator settings: glibc's defaults (a freed large block may stay in the
 heap: the mmap threshold rises to the largest block freed, up to 32 MiB), or every block

@@ -251,6 +251,13 @@ def _execute_run(
         with contextlib.suppress(Exception):
             system.set_model_cost(macs_per_example(parts.build_module(), dataset.info))
     else:  # deployed: wall time, and the nodes that are connected
+        if algorithm.splits_the_model:
+            raise ConfigError(
+                "algorithm",
+                cfg.name("algorithm"),
+                "trains the model split between device and server; deploying it (the "
+                "device part on the nodes, the server part here) is not built yet",
+            )
         start_s = float(checkpoint["virtual_time_s"]) if checkpoint is not None else 0.0
         clock = WallClock(start_s)
         step = int(checkpoint["round"]) if checkpoint is not None else None

@@ -27,6 +27,7 @@ from roost.algorithms.fedopt import (
 )
 from roost.algorithms.fedprox import FedProx, FedProxConfig
 from roost.algorithms.scaffold import Scaffold, ScaffoldConfig, ScaffoldStrategy
+from roost.algorithms.splitfed import SplitFed, SplitFedConfig
 from roost.algorithms.teasq import TEASQ, TEASQConfig, TEASQStrategy
 
 __all__ = [
@@ -70,6 +71,8 @@ __all__ = [
     "Scaffold",
     "ScaffoldConfig",
     "ScaffoldStrategy",
+    "SplitFed",
+    "SplitFedConfig",
     "Strategy",
     "TEASQConfig",
     "TEASQStrategy",

@@ -366,6 +366,9 @@ class Algorithm:
     """Whether ``compression=...`` can wrap it: its result is a model (``"params"``) or a
     ``"delta"`` (FedNova's normalised ``"d"`` is not), and it does not compress its own
     uploads already (TEASQ-Fed does)."""
+    splits_the_model: ClassVar[bool] = False
+    """Whether it trains the model cut between the device and the server (split
+    learning): a deployment would have to run the two parts on different machines."""
 
     def __init__(self, config: ClientOptimConfig) -> None:
         self.config = config

@@ -25,9 +25,12 @@ from roost.algorithms.base import ClientContext, ClientOptimConfig
 from roost.data.base import ClientData
 from roost.params import FlatModel
 
-__all__ = ["LocalTrainResult", "SGDStepper", "local_sgd", "minibatches", "num_steps"]
+__all__ = ["Backward", "LocalTrainResult", "SGDStepper", "local_sgd", "minibatches", "num_steps"]
 
 GradCorrection = Callable[[torch.Tensor, torch.Tensor], None]
+Backward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(x, y) -> loss``: fills the model's gradients for a minibatch and returns its loss
+(detached); the default is the whole model's cross-entropy, ``F.cross_entropy(f(x), y)``."""
 
 
 @dataclass
@@ -63,9 +66,14 @@ class SGDStepper:
     keeps the step count and the summed loss."""
 
     def __init__(
-        self, model: FlatModel, cfg: ClientOptimConfig, correction: GradCorrection | None = None
+        self,
+        model: FlatModel,
+        cfg: ClientOptimConfig,
+        correction: GradCorrection | None = None,
+        backward: Backward | None = None,
     ) -> None:
         self.model, self.cfg, self.correction = model, cfg, correction
+        self.backward = backward
         self.buf = model.scratch("momentum") if cfg.momentum else None
         self.loss_sum = torch.zeros((), device=model.params.device)
         self.steps = 0
@@ -75,8 +83,11 @@ class SGDStepper:
         model, cfg = self.model, self.cfg
         params, grads = model.params, model.grads
         grads.zero_()
-        loss = F.cross_entropy(model.module(xb), yb)
-        loss.backward()
+        if self.backward is None:
+            loss = F.cross_entropy(model.module(xb), yb)
+            loss.backward()
+        else:
+            loss = self.backward(xb, yb)
         if cfg.weight_decay:
             grads.add_(params, alpha=cfg.weight_decay)
         if self.correction is not None:

@@ -1,0 +1,177 @@
+"""SplitFed v1: split learning with a server-side replica per device, averaged each round.
+
+Thapa, Arachchige, Camtepe, Sun, "SplitFed: When Federated Learning Meets Split
+Learning", AAAI 2022 (arXiv 2004.12088); ALGORITHMS.md §4.10.
+
+The model ``[W^c; W^s]`` (an ``nn.Sequential``) is cut after its ``cut``-th top-level layer
+(:func:`~roost.split.cut_module`). In a round each selected device ``k`` starts from the
+global ``W^c`` and the main server gives it a replica of the global ``W^s``; for each
+minibatch of its ``E`` epochs the device forwards, sends the activations at the cut, the
+server forwards, back-propagates and returns their gradient, and the device
+back-propagates (:func:`~roost.split.split_iteration`, over ``micro_batches``
+micro-batches); then both parts take an SGD step (:class:`SGDStepper`'s rule). At the
+round's end the fed server averages the ``W^c_k`` and the main server the ``W^s_k``::
+
+    [W^c; W^s]^{t+1} = Σ_k ω_k [W^c_k; W^s_k] / Σ_k ω_k,   ω_k = n_k (or 1: weighted=False)
+
+The paper aggregates as FedAvg does, by examples (the default); the official code
+(``SFLV1_ResNet_HAM10000.py``) takes the plain mean, ``weighted=false`` (on the quickstart
+preset's unequal clients that mean learns more slowly: 0.49 accuracy after 3 rounds
+against 0.59 weighted, exactly unweighted and weighted FedAvg's). Since each replica
+trains only on its device's data and
+both halves are averaged together, SplitFed v1 computes FedAvg's model: with float32
+messages and one micro-batch a minibatch's gradients are exactly the whole model's
+(tests/unit/test_split.py), so a round is FedAvg's round bit for bit
+(tests/unit/test_algorithms_splitfed.py). What it changes is where the compute runs and
+what crosses the network: per minibatch the activations and labels up and their gradient
+down (``wire_dtype``: float16 halves them, at float16's rounding), per round the device
+part each way. The client metrics ``cut_bytes_up`` and ``cut_bytes_down`` give that
+traffic, in bytes per task.
+
+Not built yet: the run's virtual time and its ``bytes_up``/``bytes_down`` still count a
+whole-model task (the system model of device compute, links and a shared server compute
+is issue 10's next part), and a deployment cannot run the two parts on different
+machines (``roost serve`` refuses it).
+
+``cut=0`` (the default) cuts after the middle top-level layer, ``L // 2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from roost.algorithms.base import (
+    Algorithm,
+    ClientContext,
+    ClientResult,
+    Payload,
+    Strategy,
+    Tensors,
+    UpdateOutput,
+    register_algorithm,
+)
+from roost.algorithms.fedavg import FedAvgConfig, FedAvgStrategy
+from roost.algorithms.local_sgd import SGDStepper, minibatches
+from roost.data.base import ClientData
+from roost.params import FlatModel
+from roost.registry import check
+from roost.split import SplitModule, cut_module, num_cut_points, split_iteration, wire_dtype
+from roost.split.messages import WIRE_DTYPES
+
+__all__ = ["SplitFed", "SplitFedConfig"]
+
+
+@dataclass(frozen=True)
+class SplitFedConfig(FedAvgConfig):
+    """cut: top-level layers on the device (0: half of them, ``L // 2``); micro_batches:
+    ``N`` per minibatch (``⌊B/N⌋`` examples each, the rest dropped); wire_dtype: float32,
+    float16 or bfloat16 for the activations and gradients at the cut; weighted: average
+    by examples (False: the official code's plain mean)."""
+
+    cut: int = 0
+    micro_batches: int = 1
+    wire_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(
+            isinstance(self.cut, int) and not isinstance(self.cut, bool) and self.cut >= 0,
+            "cut",
+            self.cut,
+            "a number of top-level layers >= 1 (0: half of the model's)",
+        )
+        check(
+            isinstance(self.micro_batches, int)
+            and not isinstance(self.micro_batches, bool)
+            and 1 <= self.micro_batches <= self.batch_size,
+            "micro_batches",
+            self.micro_batches,
+            f"an integer in 1 .. batch_size ({self.batch_size})",
+        )
+        check(
+            self.wire_dtype in WIRE_DTYPES,
+            "wire_dtype",
+            self.wire_dtype,
+            f"one of {', '.join(WIRE_DTYPES)}",
+        )
+
+
+@register_algorithm("splitfed")
+class SplitFed(Algorithm):
+    """SplitFed v1 (Thapa et al. 2022): the model cut between device and server, a server
+    replica per device, both halves averaged each round (virtual time and bytes_up still
+    count a whole-model task: not built yet)."""
+
+    Config = SplitFedConfig
+    config: SplitFedConfig
+    compressible = False  # its uploads are activations, not a model or a delta
+    splits_the_model = True
+
+    def __init__(self, config: SplitFedConfig) -> None:
+        super().__init__(config)
+        self._parts: dict[int, tuple[nn.Module, SplitModule, int]] = {}
+
+    def make_strategy(self) -> Strategy:
+        return FedAvgStrategy()
+
+    def _split(self, model: FlatModel, x: torch.Tensor) -> tuple[SplitModule, int]:
+        """The resident model's two parts and its number of classes (from one example's
+        logits), made once per resident model."""
+        module = model.module
+        cached = self._parts.get(id(module))
+        if cached is not None and cached[0] is module:
+            return cached[1], cached[2]
+        layers = num_cut_points(module) + 1
+        cut = self.config.cut or layers // 2
+        parts = cut_module(module, cut)
+        training = module.training
+        module.eval()
+        with torch.no_grad():
+            num_classes = int(module(x[:1]).shape[-1])
+        module.train(training)
+        self._parts[id(module)] = (module, parts, num_classes)
+        return parts, num_classes
+
+    def update(
+        self,
+        ctx: ClientContext,
+        model: FlatModel,
+        data: ClientData,
+        payload: Payload,
+        state: Tensors | None,
+    ) -> UpdateOutput:
+        cfg = self.task_config(ctx)
+        assert isinstance(cfg, SplitFedConfig)
+        parts, num_classes = self._split(model, data.x)
+        wire = wire_dtype(cfg.wire_dtype)
+        up = down = 0
+
+        def backward(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            nonlocal up, down
+            n = min(cfg.micro_batches, len(xb))  # an epoch's last, short minibatch
+            it = split_iteration(
+                parts.device, parts.server, xb, yb, n, num_classes=num_classes, wire=wire
+            )
+            up += sum(it.uplink_bytes)
+            down += sum(it.downlink_bytes)
+            return torch.tensor(it.loss)
+
+        stepper = SGDStepper(model, cfg, backward=backward)
+        for xb, yb in minibatches(ctx, data, cfg):
+            stepper.step(xb, yb)
+        res = stepper.result()
+        device_bytes = 4 * parts.layout.device.numel
+        weight = float(ctx.num_examples) if cfg.weighted else 1.0
+        return UpdateOutput(
+            ClientResult({"params": model.params}, weight),
+            None,
+            {
+                "train_loss": res.mean_loss,
+                "local_steps": float(res.steps),
+                "cut_bytes_up": float(up + device_bytes),
+                "cut_bytes_down": float(down + device_bytes),
+            },
+        )
