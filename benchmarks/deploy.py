@@ -802,11 +802,16 @@ MODELS = {
     "cnn": {"name": "cnn"},
     "cnn2048": {"name": "cnn", "hidden": 2048},  # 6.5 M parameters, 24.8 MiB
 }
-ALLOCATORS = {"glibc": {}, "mmap1M": {"MALLOC_MMAP_THRESHOLD_": str(MIB)}}
+ALLOCATORS = {
+    "glibc": {},
+    "mmap1M": {"MALLOC_MMAP_THRESHOLD_": str(MIB)},
+    "mmap1M-arena1": {"MALLOC_MMAP_THRESHOLD_": str(MIB), "MALLOC_ARENA_MAX": "1"},
+}
 """The server's allocator settings: glibc's defaults (a freed large block may stay in the
 heap: the mmap threshold rises to the largest block freed, up to 32 MiB), or every block
 of 1 MiB or more its own mmap, returned to the OS when freed (so peak RSS is nearer the
-peak of live memory)."""
+peak of live memory), and that with a single malloc arena for all threads (freed small
+blocks are reused by every thread instead of staying in per-thread arenas)."""
 
 
 def memory(
