@@ -19,6 +19,7 @@ import numpy as np
 
 from roost.data.arrays import ArrayFederatedDataset, CentralData, subset
 from roost.data.base import ClientData, DatasetInfo, FederatedDataset
+from roost.data.cifar import CifarConfig, load_cifar_data
 from roost.data.digits import DigitsConfig, load_digits_data
 from roost.data.leaf import LeafConfig, load_leaf_data
 from roost.data.mnist_idx import MnistConfig, load_mnist_data
@@ -34,6 +35,7 @@ __all__ = [
     "PARTITIONERS",
     "ArrayFederatedDataset",
     "CentralData",
+    "CifarConfig",
     "ClientData",
     "DataLoader",
     "DatasetInfo",
@@ -78,6 +80,12 @@ def _digits(cfg: DigitsConfig, clients: int | None, seed: int) -> CentralData:
 def _mnist(cfg: MnistConfig, clients: int | None, seed: int) -> CentralData:
     """MNIST-style IDX files from the folder data.path."""
     return load_mnist_data(cfg, seed)
+
+
+@DATA.register("cifar", CifarConfig)
+def _cifar(cfg: CifarConfig, clients: int | None, seed: int) -> CentralData:
+    """CIFAR-10 or CIFAR-100 python-version batches from the folder data.path."""
+    return load_cifar_data(cfg)
 
 
 @DATA.register("leaf", LeafConfig, tags=[NATURAL_CLIENTS])

@@ -36,12 +36,12 @@ def central(
 
 
 def test_registered_names() -> None:
-    assert DATA.names() == ["digits", "leaf", "mnist", "text", "w1"]
+    assert DATA.names() == ["cifar", "digits", "leaf", "mnist", "text", "w1"]
 
 
 def test_unknown_names_and_keys() -> None:
     with pytest.raises(ConfigError) as e:
-        build_dataset("cifar", {}, "iid", {}, 10, 0)
+        build_dataset("imagenet", {}, "iid", {}, 10, 0)
     assert e.value.key == "data" and "digits" in str(e.value)
     with pytest.raises(ConfigError) as e:
         build_dataset("w1", {"clients": 5}, "auto", {}, None, 0)
