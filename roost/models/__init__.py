@@ -16,7 +16,9 @@ from roost.data.base import DatasetInfo
 from roost.models.char_lstm import CharLSTM, CharLSTMConfig
 from roost.models.cnn import CNN, CNNConfig
 from roost.models.mlp import MLP, MLPConfig
+from roost.models.resnet import ResNet, ResNetConfig
 from roost.models.text_classifier import TextClassifier, TextClassifierConfig
+from roost.models.vgg import VGG5Config, VGG11Config, vgg5, vgg11
 from roost.registry import Registry
 
 __all__ = ["MODELS", "build_model"]
@@ -39,6 +41,30 @@ MODELS.register(
     "mean of token embeddings and a linear layer, for word ids (data.features=token_ids)",
 )(
     lambda cfg, info: TextClassifier(cfg, info)  # type: ignore[arg-type]
+)
+MODELS.register(
+    "vgg5",
+    VGG5Config,
+    "PipeLearn/FedAdapt VGG5 for split learning: conv3x3 32, 64, 64 (+BN), 2 pools, "
+    "linear 128 and out",
+)(
+    lambda cfg, info: vgg5(cfg, info)  # type: ignore[arg-type]
+)
+MODELS.register(
+    "vgg11",
+    VGG11Config,
+    "VGG11 with BatchNorm for split learning: 8 conv3x3 (+BN), 5 pools, linear 4096, 4096 "
+    "and out (needs images >= 17x17)",
+)(
+    lambda cfg, info: vgg11(cfg, info)  # type: ignore[arg-type]
+)
+MODELS.register(
+    "resnet",
+    ResNetConfig,
+    "CIFAR ResNet (He et al. 2016) for split learning: 16/32/64-channel stages, depth 6n+2 "
+    "(8 is ResNet-8), BatchNorm",
+)(
+    lambda cfg, info: ResNet(cfg, info)  # type: ignore[arg-type]
 )
 
 
