@@ -112,7 +112,7 @@ class SplitFed(Algorithm):
 
     def __init__(self, config: SplitFedConfig) -> None:
         super().__init__(config)
-        self._parts: dict[int, tuple[nn.Module, SplitModule, int]] = {}
+        self._parts: tuple[nn.Module, SplitModule, int] | None = None  # of the resident model
 
     def make_strategy(self) -> Strategy:
         return FedAvgStrategy()
@@ -121,9 +121,8 @@ class SplitFed(Algorithm):
         """The resident model's two parts and its number of classes (from one example's
         logits), made once per resident model."""
         module = model.module
-        cached = self._parts.get(id(module))
-        if cached is not None and cached[0] is module:
-            return cached[1], cached[2]
+        if self._parts is not None and self._parts[0] is module:
+            return self._parts[1], self._parts[2]
         layers = num_cut_points(module) + 1
         cut = self.config.cut or layers // 2
         parts = cut_module(module, cut)
@@ -132,7 +131,7 @@ class SplitFed(Algorithm):
         with torch.no_grad():
             num_classes = int(module(x[:1]).shape[-1])
         module.train(training)
-        self._parts[id(module)] = (module, parts, num_classes)
+        self._parts = (module, parts, num_classes)
         return parts, num_classes
 
     def update(

@@ -49,6 +49,11 @@ them (a result beyond that waits in its gRPC call, before it is acknowledged), a
 server receives at most ``ServerConfig.max_receiving`` at once, so the server holds a
 bounded number of results whatever the number of nodes.
 
+Evaluations (personalised methods, Ditto): :meth:`EngineCoordinator.evaluate_clients`
+sends every connected client's node an evaluation task (:attr:`TaskKind.EVALUATE`) and
+waits for the answers (loss, accuracy, test examples; checked by
+:func:`evaluation_from_wire`), journaled by their index since the checkpoint.
+
 Results: a node sends its client update's own tensors (float32), weight and scalars, and
 its client metrics; the engine folds them as the local runtime folds a task. A tensor the
 update also encoded (:attr:`ClientResult.encoded`: a compressed update) travels as those

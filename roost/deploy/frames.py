@@ -18,9 +18,10 @@ frame of the same message type:
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf.message import DecodeError
 
@@ -43,6 +44,7 @@ __all__ = [
     "MAX_ENTRIES",
     "ResultStream",
     "answer_frames",
+    "enum_member",
     "no_task_frame",
     "parse",
     "put_settings",
@@ -186,6 +188,19 @@ def _read_chunks(
     return WireStats(decoder.received_bytes, message_bytes, count)
 
 
+E = TypeVar("E", bound=enum.Enum)
+
+
+def enum_member(kinds: type[E], value: int, what: str) -> E:
+    """The member of ``kinds`` a message's enum field holds; MalformedMessage naming the
+    allowed values otherwise."""
+    try:
+        return kinds(value)
+    except ValueError:
+        allowed = ", ".join(f"{k.value} ({k.name})" for k in kinds)
+        raise MalformedMessage(f"{what} {value} is not one of {allowed}") from None
+
+
 def read_task(frames: Iterable[bytes], limits: Limits | None = None) -> Task | NoWork:
     """A PullTask answer: the :class:`Task`, or :class:`NoWork` (when to ask again, or
     that the run is over). WireError for anything malformed."""
@@ -200,13 +215,7 @@ def read_task(frames: Iterable[bytes], limits: Limits | None = None) -> Task | N
     if which != "header":
         raise MalformedMessage(f"PullTask's first frame is {which}, not a header")
     h = frame.header
-    try:
-        kind = TaskKind(h.kind)
-    except ValueError:
-        raise MalformedMessage(
-            f"task kind {h.kind} is not one of "
-            f"{', '.join(f'{k.value} ({k.name})' for k in TaskKind)}"
-        ) from None
+    kind = enum_member(TaskKind, h.kind, "task kind")
     decoder = Decoder(h.payload, limits or Limits())
     wire = _read_chunks(pb.TaskFrame, it, decoder, len(first))
     return Task(

@@ -41,6 +41,7 @@ from roost.deploy.errors import (
 )
 from roost.deploy.frames import (
     answer_frames,
+    enum_member,
     no_task_frame,
     parse,
     read_metrics,
@@ -343,13 +344,7 @@ class DeployServicer:
         caller = self._caller("Request", context, raw)
         req = parse(pb.MidTaskRequest, raw)
         self._check_node(caller, req.node_id)
-        try:
-            kind = RequestKind(req.kind)
-        except ValueError:
-            raise MalformedMessage(
-                f"request kind {req.kind} is not one of "
-                f"{', '.join(f'{k.value} ({k.name})' for k in RequestKind)}"
-            ) from None
+        kind = enum_member(RequestKind, req.kind, "request kind")
         self.tasks.check_active(caller.node_id, req.task_id)
         answer = self.coordinator.answer_request(caller.node_id, MidTaskRequest(req.task_id, kind))
         yield from answer_frames(req.task_id, kind, answer, self.config.chunk_bytes)

@@ -9,8 +9,10 @@ cut, and one training iteration over micro-batches.
 * :mod:`~roost.split.profile` — per-layer forward and backward seconds and output sizes,
   measured on this host (:func:`profile_layers`).
 
-Not built yet: the split-learning methods (vanilla split learning, SplitFed v1/v2, PiPar,
-deprune/prune) on the engine, their virtual-time resources, and their deployment.
+SplitFed v1 is built on these (``algorithm=splitfed``, :mod:`roost.algorithms.splitfed`).
+Not built yet: vanilla split learning, SplitFed v2, PiPar and deprune/prune as methods,
+the virtual-time resources of split learning (device compute, links, a shared server),
+and deploying split methods.
 """
 
 from roost.split.cut import SplitLayout, SplitModule, cut_module, num_cut_points
