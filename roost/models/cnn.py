@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from roost.data.base import DatasetInfo
+from roost.models.images import image_input
 from roost.registry import check
 
 
@@ -31,13 +32,7 @@ class CNNConfig:
 
 class CNN(nn.Sequential):
     def __init__(self, cfg: CNNConfig, info: DatasetInfo) -> None:
-        if info.vocab_size or len(info.input_shape) not in (2, 3):
-            raise ValueError(
-                f"model=cnn needs images shaped (C, H, W) or (H, W); got {info.input_shape}"
-            )
-        shape = info.input_shape if len(info.input_shape) == 3 else (1, *info.input_shape)
-        c_in, h, w = shape
-        layers: list[nn.Module] = [] if len(info.input_shape) == 3 else [nn.Unflatten(1, (1, h))]
+        (c_in, h, w), layers = image_input(info, "cnn")
         for c in cfg.channels:
             layers += [nn.Conv2d(c_in, c, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2)]
             c_in, h, w = c, h // 2, w // 2

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from roost.data.base import DatasetInfo
-from roost.models.vgg import image_input
+from roost.models.images import image_input
 from roost.registry import check
 
 __all__ = ["BasicBlock", "ResNet", "ResNetConfig"]

@@ -51,9 +51,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from roost.data.base import DatasetInfo
+from roost.models.images import image_input
 from roost.registry import check
 
-__all__ = ["VGG", "VGG5Config", "VGG11Config", "image_input"]
+__all__ = ["VGG", "VGG5Config", "VGG11Config"]
 
 VGG5_FEATURES: tuple[int | str, ...] = (32, "M", 64, "M", 64)
 VGG11_FEATURES: tuple[int | str, ...] = (
@@ -89,19 +90,6 @@ class VGG11Config:
 
     def __post_init__(self) -> None:
         check(0 <= self.dropout < 1, "dropout", self.dropout, "must be in [0, 1)")
-
-
-def image_input(info: DatasetInfo, model: str) -> tuple[tuple[int, int, int], list[nn.Module]]:
-    """The (C, H, W) an image model sees, and the layers that make a (H, W) input so."""
-    if info.vocab_size or len(info.input_shape) not in (2, 3):
-        raise ValueError(
-            f"model={model} needs images shaped (C, H, W) or (H, W); got {info.input_shape}"
-        )
-    if len(info.input_shape) == 3:
-        c, h, w = info.input_shape
-        return (c, h, w), []
-    h, w = info.input_shape
-    return (1, h, w), [nn.Unflatten(1, (1, h))]
 
 
 class VGG(nn.Sequential):
