@@ -17,19 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from roost.algorithms.asynchronous import AsyncStrategy
 from roost.algorithms.base import Strategy
-from roost.build import WorkerParts, build_parts, initial_params
+from roost.build import RunParts, WorkerParts, build_parts, initial_params
 from roost.clock import WallClock
 from roost.config import ResolvedConfig, apply_overrides, resolve
 from roost.engine import Callback, Engine, History
 from roost.engine.remote import ConnectedNodes, RemoteFleet
 from roost.errors import Diverged
+from roost.models.cost import LayerCost, layer_costs, macs_per_example
 from roost.registry import ConfigError
 from roost.runtime.base import RUNTIMES, Job
 from roost.runtime.launch import prestart, release
-from roost.runtime.threads import default_threads, macs_per_example
+from roost.runtime.threads import default_threads
 from roost.state import ClientStateStore, make_state_store
 from roost.state.base import STATE_FILE_NAME
 from roost.system import build_system
@@ -108,6 +110,20 @@ class _Checkpointer:
 
 def _as_resolved(config: ResolvedConfig | Mapping[str, Any]) -> ResolvedConfig:
     return config if isinstance(config, ResolvedConfig) else resolve(config)
+
+
+def _split_layers(cfg: ResolvedConfig, parts: RunParts) -> tuple[LayerCost, ...]:
+    """The per-layer costs of a split-learning run's model, which must be an
+    ``nn.Sequential`` (its top-level layers are the cut points)."""
+    module = parts.build_module()
+    if not isinstance(module, nn.Sequential):
+        raise ConfigError(
+            "model",
+            cfg.name("model"),
+            f"is a {type(module).__name__}; split learning cuts an nn.Sequential between its "
+            "top-level layers (mlp, cnn, vgg5, vgg11, resnet are)",
+        )
+    return layer_costs(module, parts.dataset.info)
 
 
 def run(
@@ -275,6 +291,7 @@ def _execute_run(
         initial_params=initial,
         clock=clock,
         remote=fleet,
+        split_layers=_split_layers(cfg, parts) if algorithm.splits_the_model else None,
     )
     history = History(num_clients=dataset.num_clients)
     start_round = 1

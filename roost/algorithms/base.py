@@ -40,7 +40,9 @@ from roost.registry import Registry, check
 
 if TYPE_CHECKING:
     from roost.data.base import ClientData
+    from roost.models.cost import LayerCost
     from roost.params import FlatModel
+    from roost.split.plan import DeviceLink, SplitPlan
 
 __all__ = [
     "ALGORITHMS",
@@ -368,7 +370,8 @@ class Algorithm:
     uploads already (TEASQ-Fed does)."""
     splits_the_model: ClassVar[bool] = False
     """Whether it trains the model cut between the device and the server (split
-    learning): a deployment would have to run the two parts on different machines."""
+    learning): a deployment would have to run the two parts on different machines, and
+    the engine times its tasks per micro-batch from :meth:`split_plan`."""
 
     def __init__(self, config: ClientOptimConfig) -> None:
         self.config = config
@@ -424,6 +427,20 @@ class Algorithm:
         one float32 model; a compressed upload may depend on the version through its
         schedule)."""
         return 4 * num_params
+
+    def split_plan(
+        self,
+        layers: Sequence[LayerCost],
+        num_examples: int,
+        settings: Mapping[str, Any],
+        device: DeviceLink,
+    ) -> SplitPlan:
+        """What a split-learning task of a client with ``num_examples`` examples computes
+        and sends (:class:`~roost.split.plan.SplitPlan`), for a model with these
+        per-layer costs, a task with the strategy's ``settings``, on a device that
+        reports ``device`` (a method choosing its cut per device, PiPar's APS, adds the
+        choice to the plan's settings). Only methods that set :attr:`splits_the_model`."""
+        raise NotImplementedError(f"{type(self).__name__} does not split the model")
 
     def decode_upload(self, name: str, data: bytes, payload: Payload) -> torch.Tensor:
         """Result tensor ``name`` rebuilt from the bytes a client uploaded for it

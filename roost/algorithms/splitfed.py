@@ -28,17 +28,21 @@ down (``wire_dtype``: float16 halves them, at float16's rounding), per round the
 part each way. The client metrics ``cut_bytes_up`` and ``cut_bytes_down`` give that
 traffic, in bytes per task.
 
-Not built yet: the run's virtual time and its ``bytes_up``/``bytes_down`` still count a
-whole-model task (the system model of device compute, links and a shared server compute
-is issue 10's next part), and a deployment cannot run the two parts on different
-machines (``roost serve`` refuses it).
+In virtual time a task is timed per micro-batch on its device's compute, uplink and
+downlink and on the one server all devices share (:meth:`SplitFed.split_plan`,
+:mod:`roost.system.split_schedule`); the run's ``bytes_up`` and ``bytes_down`` are those
+messages and the device part each way. Not built yet: a deployment that runs the two
+parts on different machines (``roost serve`` refuses it).
 
 ``cut=0`` (the default) cuts after the middle top-level layer, ``L // 2``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,10 +60,12 @@ from roost.algorithms.base import (
 from roost.algorithms.fedavg import FedAvgConfig, FedAvgStrategy
 from roost.algorithms.local_sgd import SGDStepper, minibatches
 from roost.data.base import ClientData
+from roost.models.cost import LayerCost
 from roost.params import FlatModel
 from roost.registry import check
 from roost.split import SplitModule, cut_module, num_cut_points, split_iteration, wire_dtype
-from roost.split.messages import WIRE_DTYPES
+from roost.split.messages import WIRE_DTYPES, label_dtype
+from roost.split.plan import DeviceLink, SplitPlan, plan_for_cut
 
 __all__ = ["SplitFed", "SplitFedConfig"]
 
@@ -102,8 +108,7 @@ class SplitFedConfig(FedAvgConfig):
 @register_algorithm("splitfed")
 class SplitFed(Algorithm):
     """SplitFed v1 (Thapa et al. 2022): the model cut between device and server, a server
-    replica per device, both halves averaged each round (virtual time and bytes_up still
-    count a whole-model task: not built yet)."""
+    replica per device, both halves averaged each round."""
 
     Config = SplitFedConfig
     config: SplitFedConfig
@@ -116,6 +121,35 @@ class SplitFed(Algorithm):
 
     def make_strategy(self) -> Strategy:
         return FedAvgStrategy()
+
+    def split_plan(
+        self,
+        layers: Sequence[LayerCost],
+        num_examples: int,
+        settings: Mapping[str, Any],
+        device: DeviceLink,
+    ) -> SplitPlan:
+        """The task's micro-batches at the configured cut (the same for every device)."""
+        cfg = dataclasses.replace(self.config, **settings) if settings else self.config
+        cut = cfg.cut or len(layers) // 2
+        check(
+            cut < len(layers),
+            "cut",
+            cfg.cut,
+            f"at most {len(layers) - 1} (the model has {len(layers)} top-level layers)",
+        )
+        return plan_for_cut(
+            layers,
+            cut,
+            num_examples=num_examples,
+            batch_size=cfg.batch_size,
+            epochs=cfg.local_epochs,
+            micro_batches=cfg.micro_batches,
+            wire_bytes=wire_dtype(cfg.wire_dtype).itemsize,
+            label_bytes=label_dtype(layers[-1].output_elements).itemsize,
+            part_bytes=4 * sum(layer.state_elements for layer in layers[:cut]),
+            settings=settings,
+        )
 
     def _split(self, model: FlatModel, x: torch.Tensor) -> tuple[SplitModule, int]:
         """The resident model's two parts and its number of classes (from one example's

@@ -174,8 +174,11 @@ class AsyncPolicy:
                     ]
                 )
             payload = self.strategy.payload(self.strategy.version)
-            # uploads may shrink with the version (compression schedules): bound them by 0
-            self._min_task_s = float(e.system.min_task_time_s(work, payload.nbytes, 0))
+            # uploads may shrink with the version (compression schedules): bound them by 0;
+            # a split task's compute partly runs on the server: no bound but 0
+            self._min_task_s = (
+                0.0 if e.times_split else float(e.system.min_task_time_s(work, payload.nbytes, 0))
+            )
         return self._min_task_s
 
     def _needed(self, step: int) -> int | None:

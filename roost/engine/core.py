@@ -45,9 +45,12 @@ from roost.engine.flight import Computed, Flight, FlightTable
 from roost.engine.idle import IdlePool
 from roost.engine.remote import Delivery, RemoteFleet
 from roost.errors import Diverged
+from roost.models.cost import LayerCost
 from roost.runtime.base import Runtime, Task, task_seed
+from roost.split.plan import DeviceLink, SplitPlan
 from roost.state import ClientStateStore
 from roost.system.model import SystemModel, TaskTiming
+from roost.system.split_schedule import RoundSchedule, SplitTask, TaskSchedule, schedule_split_tasks
 
 __all__ = [
     "ARRIVAL",
@@ -142,6 +145,7 @@ class Engine:
         state_store: ClientStateStore | None = None,
         initial_params: torch.Tensor | None = None,
         remote: RemoteFleet | None = None,
+        split_layers: Sequence[LayerCost] | None = None,
     ) -> None:
         from roost.engine.asynchronous import AsyncPolicy
         from roost.engine.rounds import RoundPolicy
@@ -167,6 +171,16 @@ class Engine:
         self._always_available = type(system).available is SystemModel.available
         self._pool: IdlePool | None = None  # built at the first dispatchable() call
         self._pool_unsupported = False
+        self.split_layers = tuple(split_layers) if split_layers is not None else None
+        # split-learning tasks are timed per micro-batch (a shared server) when the
+        # algorithm splits the model and the system model has devices and links to time
+        self.times_split = (
+            algorithm.splits_the_model
+            and self.split_layers is not None
+            and system.times_split_tasks
+            and remote is None
+        )
+        self.split_schedule: RoundSchedule | None = None  # of the last plan_flights
         self.policy: RoundPolicy | AsyncPolicy = (
             AsyncPolicy(self) if isinstance(strategy, AsyncStrategy) else RoundPolicy(self)
         )
@@ -213,6 +227,40 @@ class Engine:
         pool.advance(t)
         return pool
 
+    def plan_flights(
+        self,
+        round: int,
+        clients: Sequence[int],
+        payload: Payload,
+        t: float,
+        settings: Mapping[int, Mapping[str, Any]],
+        *,
+        timeline: bool = False,
+    ) -> list[Flight]:
+        """The tasks of ``clients`` dispatched together at ``t`` (:meth:`plan_flight`
+        each). Split-learning tasks are timed together, since they share the server
+        (:mod:`roost.system.split_schedule`); their schedule is kept in
+        :attr:`split_schedule`, with its timeline when ``timeline``."""
+        if not self.times_split:
+            return [self.plan_flight(c, round, payload, t, settings.get(c)) for c in clients]
+        plans = [self.split_plan(c, settings.get(c)) for c in clients]
+        tasks = [SplitTask(c, t, p) for c, p in zip(clients, plans, strict=True)]
+        schedule = schedule_split_tasks(self.system, tasks, timeline=timeline)
+        self.split_schedule = schedule
+        return [
+            self.plan_flight(c, round, payload, t, p.settings, scheduled=s)
+            for c, p, s in zip(clients, plans, schedule.tasks, strict=True)
+        ]
+
+    def split_plan(self, client_id: int, settings: Mapping[str, Any] | None) -> SplitPlan:
+        """The algorithm's plan of a split task of ``client_id``, on its device as the
+        system model describes it."""
+        assert self.split_layers is not None
+        p = self.system.profile(client_id)
+        link = DeviceLink(p.speed, p.uplink_mbps * 1e6, p.downlink_mbps * 1e6)
+        n = self.dataset.num_examples(client_id)
+        return self.algorithm.split_plan(self.split_layers, n, settings or _NO_SETTINGS, link)
+
     def plan_flight(
         self,
         client_id: int,
@@ -220,21 +268,31 @@ class Engine:
         payload: Payload,
         t: float,
         settings: Mapping[str, Any] | None = None,
+        *,
+        scheduled: TaskSchedule | None = None,
     ) -> Flight:
         """A task of ``client_id`` dispatched at ``t`` from ``payload`` with the strategy's
-        ``settings`` for it (its work and timing from them and the system model; not yet
-        in flight, see :meth:`launch`)."""
+        ``settings`` for it (its work and timing from them and the system model, or from
+        its split-learning ``scheduled`` timeline; not yet in flight, see
+        :meth:`launch`)."""
+        if scheduled is None and self.times_split:  # alone: the server is its own
+            plan = self.split_plan(client_id, settings)
+            settings = plan.settings
+            scheduled = schedule_split_tasks(self.system, [SplitTask(client_id, t, plan)]).tasks[0]
         self.dispatches[client_id] += 1
         dispatch = int(self.dispatches[client_id])
         settings = dict(settings) if settings else _NO_SETTINGS
         work = self.algorithm.work_examples(self.dataset.num_examples(client_id), settings)
-        down = payload.nbytes
-        up = self.algorithm.upload_nbytes(self.num_params, payload.version)
-        timing = self.system.timing(client_id, t, work, down, up)
         requests: tuple[float, ...] = ()
-        points = self.algorithm.request_points(settings) if self.remote is None else ()
-        if points:
-            timing, requests = self._with_requests(client_id, timing, points, down, up)
+        if scheduled is not None:
+            timing, down, up = scheduled.timing, scheduled.down_bytes, scheduled.up_bytes
+        else:
+            down = payload.nbytes
+            up = self.algorithm.upload_nbytes(self.num_params, payload.version)
+            timing = self.system.timing(client_id, t, work, down, up)
+            points = self.algorithm.request_points(settings) if self.remote is None else ()
+            if points:
+                timing, requests = self._with_requests(client_id, timing, points, down, up)
         seed = task_seed(self.run_config.seed, client_id, dispatch)
         key = self.flights.new_key()
         task = Task(

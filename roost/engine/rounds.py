@@ -4,8 +4,11 @@ Round ``r`` starting at virtual time ``t0``:
 
 1. the strategy selects ``ceil(m (1 + over_selection))`` clients among those available
    at ``t0`` and not in flight, with the round's generator ``default_rng([seed, 4, r])``;
-2. the system model gives each selected client's task its timing from ``t0``; a task
-   whose device goes offline before it arrives is lost (counted in ``offline``);
+2. the system model gives each selected client's task its timing from ``t0`` (the tasks
+   of a split-learning method are timed together, per micro-batch, since they share the
+   server: :mod:`roost.system.split_schedule`; the record then has the resources' busy
+   and idle seconds, :func:`split_fields`); a task whose device goes offline before it
+   arrives is lost (counted in ``offline``);
 3. the round ends at the ``m``-th arrival, or at the deadline if fewer than ``m`` arrive
    within it (:func:`plan_round`); the first ``m`` arrivals are *counted*;
 4. with ``late_results=drop`` every other task is dropped before anything is computed for
@@ -41,6 +44,7 @@ from roost.errors import RoostWarning
 if TYPE_CHECKING:
     from roost.engine.core import Engine
     from roost.engine.flight import Flight
+    from roost.system.split_schedule import RoundSchedule
 
 __all__ = ["RoundPlan", "RoundPolicy", "plan_round"]
 
@@ -80,6 +84,30 @@ def plan_round(
     return RoundPlan(list(selected), counted, arrival, end)
 
 
+def split_fields(schedule: RoundSchedule, t0: float, end_s: float) -> dict[str, Any]:
+    """A split-learning round's resources for its record: the round's span (dispatch to
+    its end), the shared server's busy and idle seconds within it, the mean over the
+    round's devices of each device resource's busy seconds, and, when the schedule kept
+    one, the timeline of the first iteration (times from the round's start)."""
+    span = end_s - t0
+    tasks = schedule.tasks
+    n = len(tasks)
+    fields: dict[str, Any] = {
+        "round_span_s": span,
+        "server_busy_s": schedule.server_busy_s,
+        "server_idle_s": max(0.0, span - schedule.server_busy_s),
+        "device_compute_busy_s": sum(t.device_compute_busy_s for t in tasks) / n,
+        "uplink_busy_s": sum(t.uplink_busy_s for t in tasks) / n,
+        "downlink_busy_s": sum(t.downlink_busy_s for t in tasks) / n,
+    }
+    if schedule.timeline:
+        fields["split_timeline"] = [
+            [res, client, j, start - t0, end - t0, *([what] if res == "device_compute" else [])]
+            for res, client, j, start, end, what in schedule.timeline
+        ]
+    return fields
+
+
 class RoundPolicy:
     """The barrier: one record per synchronous round; see the module docstring."""
 
@@ -106,7 +134,7 @@ class RoundPolicy:
             r, e.candidates(t0), math.ceil(k * (1 + cfg.over_selection)), rng
         )
         settings = strategy.configure_tasks(r, selected, np.random.default_rng([cfg.seed, 10, r]))
-        planned = [e.plan_flight(cid, r, payload, t0, settings.get(cid)) for cid in selected]
+        planned = e.plan_flights(r, selected, payload, t0, settings, timeline=r == 1)
         arrival_s = [math.inf if f.lost else f.timing.arrival_s for f in planned]
         plan = plan_round(selected, arrival_s, t0, k, cfg.deadline_s)
         counted = set(plan.counted)
@@ -162,11 +190,13 @@ class RoundPolicy:
             arrivals.append(e.arrival(flight))
         strategy.observe(arrivals)
 
-        counts = {
+        counts: dict[str, Any] = {
             "dropped": len(planned) - len(kept),
             "offline": sum(1 for f in planned if f.lost),
             "late": len(carried),
         }
+        if e.times_split and e.split_schedule is not None and planned:
+            counts.update(split_fields(e.split_schedule, t0, plan.end_s))
         return self._record(
             r,
             wall_start,
@@ -188,11 +218,12 @@ class RoundPolicy:
         contributions: Sequence[Contribution],
         client_metrics: Sequence[tuple[int, dict[str, float]]],
         staleness: Sequence[int],
-        counts: dict[str, int],
+        counts: dict[str, Any],
         runtime_metrics: dict[str, Any],
     ) -> dict[str, Any]:
         """Step on the round's delivered results (warn if there are none) and make its
-        record; ``counts`` are its dropped, offline and late task counts."""
+        record; ``counts`` are its dropped, offline and late task counts (and a split
+        round's resource fields)."""
         e, strategy = self.engine, self.engine.strategy
         record: dict[str, Any] = {"round": r}
         fields = delivery_metrics(client_metrics, staleness)

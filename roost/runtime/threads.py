@@ -19,52 +19,15 @@ the same float rounding, every time on the same machine. On a shared machine set
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from roost.data.base import DatasetInfo
+from roost.models.cost import macs_per_example
 
-__all__ = ["SMALL_MACS", "default_threads", "macs_per_example"]
+__all__ = ["SMALL_MACS", "default_threads"]
 
 SMALL_MACS = 1_000_000
 """Models with fewer multiply-adds per example than this train on one thread by default."""
-
-
-def macs_per_example(module: nn.Module, info: DatasetInfo) -> int:
-    """Multiply-adds of one forward pass on one example, over the module's linear,
-    convolution and recurrent layers (counted from their output shapes by hooks; a
-    recurrent layer as its parameters once per output step)."""
-    total = 0
-
-    def count(layer: nn.Module, _inputs: object, output: object) -> None:
-        nonlocal total
-        if isinstance(output, tuple):  # recurrent layers return (output, state)
-            output = output[0]
-        if not isinstance(output, torch.Tensor):
-            return
-        if isinstance(layer, nn.Linear):
-            total += layer.in_features * layer.out_features * (output.numel() // output.shape[-1])
-        elif isinstance(layer, nn.Conv2d):
-            per_output = (layer.in_channels // layer.groups) * layer.kernel_size[0]
-            total += per_output * layer.kernel_size[1] * output.numel()
-        elif isinstance(layer, (nn.LSTM, nn.GRU, nn.RNN)):
-            total += sum(p.numel() for p in layer.parameters()) * output.shape[1]
-
-    hooks = [m.register_forward_hook(count) for m in module.modules()]
-    try:
-        if info.vocab_size:
-            example = torch.zeros((1, *info.input_shape), dtype=torch.long)
-        else:
-            example = torch.zeros((1, *info.input_shape))
-        was_training = module.training
-        module.eval()
-        with torch.no_grad():
-            module(example)
-        module.train(was_training)
-    finally:
-        for h in hooks:
-            h.remove()
-    return total
 
 
 def default_threads(module: nn.Module, info: DatasetInfo) -> int | None:

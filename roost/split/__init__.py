@@ -7,23 +7,27 @@ cut, and one training iteration over micro-batches.
 * :mod:`~roost.split.pipeline` — PiPar's stage graph (:func:`makespan`) and its automated
   choice of cut and micro-batch count (:func:`choose_split`);
 * :mod:`~roost.split.profile` — per-layer forward and backward seconds and output sizes,
-  measured on this host (:func:`profile_layers`).
+  measured on this host (:func:`profile_layers`);
+* :mod:`~roost.split.plan` — what one split task computes and sends (:class:`SplitPlan`),
+  which :mod:`roost.system.split_schedule` times per micro-batch on the device's compute
+  and links and on the one shared server.
 
 SplitFed v1 is built on these (``algorithm=splitfed``, :mod:`roost.algorithms.splitfed`).
 Not built yet: vanilla split learning, SplitFed v2, PiPar and deprune/prune as methods,
-the virtual-time resources of split learning (device compute, links, a shared server),
 and deploying split methods.
 """
 
 from roost.split.cut import SplitLayout, SplitModule, cut_module, num_cut_points
 from roost.split.messages import WIRE_DTYPES, Activations, Gradient, label_dtype, wire_dtype
 from roost.split.pipeline import LayerCosts, SplitChoice, StageTotals, choose_split, makespan
+from roost.split.plan import DeviceLink, SplitPlan, plan_for_cut
 from roost.split.profile import LayerProfile, profile_layers
 from roost.split.step import IterationResult, micro_batch_size, split_iteration
 
 __all__ = [
     "WIRE_DTYPES",
     "Activations",
+    "DeviceLink",
     "Gradient",
     "IterationResult",
     "LayerCosts",
@@ -31,6 +35,7 @@ __all__ = [
     "SplitChoice",
     "SplitLayout",
     "SplitModule",
+    "SplitPlan",
     "StageTotals",
     "choose_split",
     "cut_module",
@@ -38,6 +43,7 @@ __all__ = [
     "makespan",
     "micro_batch_size",
     "num_cut_points",
+    "plan_for_cut",
     "profile_layers",
     "split_iteration",
     "wire_dtype",

@@ -11,7 +11,10 @@ The parametric models here are time-invariant::
     transfer_s = latency_s + 8 * bytes / (bandwidth_mbps_k * 1e6)
 
 where ``speed_k`` is the device's compute speed relative to the reference device
-(1.0 = reference) and bandwidths are in megabits per second. Trace-driven models
+(1.0 = reference) and bandwidths are in megabits per second. The server computes
+``server_speed`` times as fast as the reference device (default 10: a server an order of
+magnitude faster than a device, a choice, not a measurement); only split learning puts
+compute on it (:mod:`roost.system.split_schedule`). Trace-driven models
 (:mod:`roost.system.traces`) override :meth:`SystemModel.timing` and
 :meth:`SystemModel.available` with bandwidth that varies over time and availability
 windows.
@@ -81,6 +84,11 @@ class SystemModel:
 
     seconds_per_example: float = 1e-3
     latency_s: float = 0.0
+    server_speed: float = 10.0
+    times_split_tasks: bool = True
+    """Whether split-learning tasks are timed per micro-batch on this model's devices and
+    server (:mod:`roost.system.split_schedule`); models without per-device compute and
+    links (``constant``, ``w3``) time them as whole tasks."""
 
     def profile(self, client_id: int) -> DeviceProfile:
         raise NotImplementedError
@@ -151,6 +159,12 @@ class SystemModel:
     def compute_time_s(self, client_id: int, work_examples: int) -> float:
         return work_examples * self.seconds_per_example / self.profile(client_id).speed
 
+    def server_compute_time_s(self, work_examples: int) -> float:
+        """The server's compute time for ``work_examples`` examples of whole-model training
+        (split learning's server part takes its share of it): ``server_speed`` times the
+        reference device's speed."""
+        return work_examples * self.seconds_per_example / self.server_speed
+
     def download_time_s(self, client_id: int, nbytes: int) -> float:
         return self.latency_s + 8.0 * nbytes / (self.profile(client_id).downlink_mbps * 1e6)
 
@@ -174,6 +188,15 @@ def _check_common(seconds_per_example: float, latency_s: float) -> None:
     check(latency_s >= 0, "latency_s", latency_s, "must be >= 0")
 
 
+def _check_server_speed(server_speed: float) -> None:
+    check(
+        server_speed > 0 and math.isfinite(server_speed),
+        "server_speed",
+        server_speed,
+        "must be a number > 0 (the server's compute speed, 1.0 = the reference device)",
+    )
+
+
 @dataclass(frozen=True)
 class HomogeneousConfig:
     """Every device is the reference device."""
@@ -182,9 +205,11 @@ class HomogeneousConfig:
     uplink_mbps: float = 10.0
     downlink_mbps: float = 50.0
     latency_s: float = 0.0
+    server_speed: float = 10.0
 
     def __post_init__(self) -> None:
         _check_common(self.seconds_per_example, self.latency_s)
+        _check_server_speed(self.server_speed)
         check(self.uplink_mbps > 0, "uplink_mbps", self.uplink_mbps, "must be > 0")
         check(self.downlink_mbps > 0, "downlink_mbps", self.downlink_mbps, "must be > 0")
 
@@ -193,6 +218,7 @@ class HomogeneousSystem(SystemModel):
     def __init__(self, cfg: HomogeneousConfig) -> None:
         self.seconds_per_example = cfg.seconds_per_example
         self.latency_s = cfg.latency_s
+        self.server_speed = cfg.server_speed
         self._profile = DeviceProfile(1.0, cfg.uplink_mbps, cfg.downlink_mbps)
 
     def profile(self, client_id: int) -> DeviceProfile:
@@ -215,9 +241,11 @@ class HeterogeneousConfig:
     downlink_mbps_min: float = 5.0
     downlink_mbps_max: float = 50.0
     latency_s: float = 0.0
+    server_speed: float = 10.0
 
     def __post_init__(self) -> None:
         _check_common(self.seconds_per_example, self.latency_s)
+        _check_server_speed(self.server_speed)
         check(self.speed_sigma >= 0, "speed_sigma", self.speed_sigma, "must be >= 0")
         check(
             0 < self.uplink_mbps_min <= self.uplink_mbps_max,
@@ -239,6 +267,7 @@ class HeterogeneousSystem(SystemModel):
         self.seed = seed
         self.seconds_per_example = cfg.seconds_per_example
         self.latency_s = cfg.latency_s
+        self.server_speed = cfg.server_speed
 
     def profile(self, client_id: int) -> DeviceProfile:
         c = self.cfg
@@ -266,6 +295,8 @@ class ConstantConfig:
 
 
 class ConstantSystem(SystemModel):
+    times_split_tasks = False
+
     def __init__(self, cfg: ConstantConfig) -> None:
         self.duration_s = cfg.duration_s
 
@@ -297,6 +328,8 @@ class W3Config:
 
 
 class W3System(SystemModel):
+    times_split_tasks = False
+
     def __init__(self, cfg: W3Config, seed: int, num_clients: int) -> None:
         self.seconds_per_example = cfg.seconds_per_example
         rng = np.random.default_rng([seed, 5])

@@ -7,8 +7,9 @@ import torch
 
 from roost.build import build_parts
 from roost.config import apply_overrides, load_config_source, resolve
+from roost.models.cost import macs_per_example
 from roost.runner import run
-from roost.runtime.threads import SMALL_MACS, default_threads, macs_per_example
+from roost.runtime.threads import SMALL_MACS, default_threads
 
 
 def _parts(source: str, *overrides: str):

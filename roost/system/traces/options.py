@@ -34,6 +34,8 @@ Every field (docs/system-traces.md has the full table, with the sources' licence
 * ``mapping``: ``seeded`` (a permutation per pool from the run seed) or ``identity``
   (client k gets the pool's entry k mod n): :mod:`roost.system.traces.pools`.
 * ``latency_s``: a fixed latency added before each transfer.
+* ``server_speed``: the server's compute speed relative to the reference device (split
+  learning's server part; default 10).
 * ``data_dir``: the shared data folder; none = ``$ROOST_SHARED_DATA``, else
   ``/work/shared/data``.
 """
@@ -79,6 +81,7 @@ class TraceConfig:
     flhetbench_case: int = 0
     mapping: Literal["seeded", "identity"] = "seeded"
     latency_s: float = 0.0
+    server_speed: float = 10.0
     data_dir: str | None = None
 
     def __post_init__(self) -> None:
@@ -89,7 +92,8 @@ class TraceConfig:
             _positive(self.availability_period_s, "availability_period_s")
         if self.reference_seconds_per_example is not None:
             _positive(self.reference_seconds_per_example, "reference_seconds_per_example")
-        for key in ("reference_macs_per_s", "downlink_mbps", "uplink_mbps", "uplink_scale"):
+        keys = ("reference_macs_per_s", "downlink_mbps", "uplink_mbps", "uplink_scale")
+        for key in (*keys, "server_speed"):
             _positive(getattr(self, key), key)
         ok = self.latency_s >= 0 and math.isfinite(self.latency_s)
         check(ok, "latency_s", self.latency_s, "must be a number >= 0")

@@ -58,6 +58,7 @@ class TraceSystem(SystemModel):
     def __init__(self, cfg: TraceConfig, seed: int) -> None:
         self.cfg, self.seed = cfg, seed
         self.latency_s = cfg.latency_s
+        self.server_speed = cfg.server_speed
         self._macs: float | None = None
         self.windows, self._avail_names = availability_pool(cfg, seed)
         self._speed, self._speed_names = compute_pool(cfg, seed)
@@ -210,6 +211,9 @@ class TraceSystem(SystemModel):
         if ref is None:
             ref = self.reference_seconds_per_example()
         return work_examples * ref / speeds[client_id % len(speeds)]
+
+    def server_compute_time_s(self, work_examples: int) -> float:
+        return work_examples * self.reference_seconds_per_example() / self.server_speed
 
     def download_time_s(self, client_id: int, nbytes: int) -> float:
         return self.transfer_end_s(client_id, 0.0, nbytes, uplink=False)
