@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("dirs", nargs="+", metavar="DIR")
     pl.add_argument(
         "--out",
-        help="PNG file (default: DIR/accuracy.png for one run, roost-compare.png for several)",
+        help="PNG file (default: DIR/accuracy.png for one run, roost-compare.png for several); "
+        "split learning runs also get STEM-split.png beside it (timeline, utilisation)",
     )
     pl.add_argument(
         "--x",
@@ -346,6 +347,11 @@ def _plot(args: argparse.Namespace) -> int:
     )
     target = plot_runs(args.dirs, args.out or default, x=x, loss_scale=args.loss_scale)
     print(target)
+    from roost.track.plot_split import plot_split_runs, split_path
+
+    split = plot_split_runs(args.dirs, split_path(target), x=x)  # None: no split runs
+    if split is not None:
+        print(split)
     return 0
 
 
