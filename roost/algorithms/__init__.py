@@ -26,6 +26,7 @@ from roost.algorithms.fedopt import (
     FedYogiConfig,
 )
 from roost.algorithms.fedprox import FedProx, FedProxConfig
+from roost.algorithms.pipar import PiPar, PiParConfig
 from roost.algorithms.scaffold import Scaffold, ScaffoldConfig, ScaffoldStrategy
 from roost.algorithms.splitfed import SplitFed, SplitFedConfig
 from roost.algorithms.teasq import TEASQ, TEASQConfig, TEASQStrategy
@@ -68,6 +69,8 @@ __all__ = [
     "FedProxConfig",
     "FedYogi",
     "FedYogiConfig",
+    "PiPar",
+    "PiParConfig",
     "Scaffold",
     "ScaffoldConfig",
     "ScaffoldStrategy",

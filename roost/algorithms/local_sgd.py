@@ -63,7 +63,9 @@ def num_steps(num_examples: int, cfg: ClientOptimConfig) -> int:
 
 class SGDStepper:
     """One SGD step at a time on the resident model (the rule of the module docstring);
-    keeps the step count and the summed loss."""
+    keeps the step count and the summed loss. ``momentum_buffer``: a heavy-ball buffer
+    ``b`` carried from the client's previous task, updated in place from the first step
+    (``b ← ρ b + g``), for methods whose devices keep their optimiser across rounds."""
 
     def __init__(
         self,
@@ -71,10 +73,16 @@ class SGDStepper:
         cfg: ClientOptimConfig,
         correction: GradCorrection | None = None,
         backward: Backward | None = None,
+        momentum_buffer: torch.Tensor | None = None,
     ) -> None:
         self.model, self.cfg, self.correction = model, cfg, correction
         self.backward = backward
-        self.buf = model.scratch("momentum") if cfg.momentum else None
+        # a buffer carried from an earlier task goes on (b <- ρ b + g from the first step)
+        self.resumed = momentum_buffer is not None and bool(cfg.momentum)
+        if self.resumed:
+            self.buf: torch.Tensor | None = momentum_buffer
+        else:
+            self.buf = model.scratch("momentum") if cfg.momentum else None
         self.loss_sum = torch.zeros((), device=model.params.device)
         self.steps = 0
         model.module.train()
@@ -94,7 +102,7 @@ class SGDStepper:
             self.correction(params, grads)
         step = grads
         if self.buf is not None:
-            if self.steps == 0:
+            if self.steps == 0 and not self.resumed:
                 self.buf.copy_(grads)
             else:
                 self.buf.mul_(cfg.momentum).add_(grads)

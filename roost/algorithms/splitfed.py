@@ -26,7 +26,7 @@ messages and one micro-batch a minibatch's gradients are exactly the whole model
 what crosses the network: per minibatch the activations and labels up and their gradient
 down (``wire_dtype``: float16 halves them, at float16's rounding), per round the device
 part each way. The client metrics ``cut_bytes_up`` and ``cut_bytes_down`` give that
-traffic, in bytes per task.
+traffic, in bytes per task, and ``cut`` and ``micro_batches`` the task's split.
 
 In virtual time a task is timed per micro-batch on its device's compute, uplink and
 downlink and on the one server all devices share (:meth:`SplitFed.split_plan`,
@@ -40,9 +40,9 @@ parts on different machines (``roost serve`` refuses it).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -81,21 +81,27 @@ class SplitFedConfig(FedAvgConfig):
     micro_batches: int = 1
     wire_dtype: str = "float32"
 
+    AUTOMATIC: ClassVar[str] = "half of the model's"
+    """What ``cut=0`` means (and, when it names a choice, ``micro_batches=0`` too)."""
+    AUTOMATIC_MICRO_BATCHES: ClassVar[bool] = False
+
     def __post_init__(self) -> None:
         super().__post_init__()
         check(
             isinstance(self.cut, int) and not isinstance(self.cut, bool) and self.cut >= 0,
             "cut",
             self.cut,
-            "a number of top-level layers >= 1 (0: half of the model's)",
+            f"a number of top-level layers >= 1 (0: {self.AUTOMATIC})",
         )
+        low = 0 if self.AUTOMATIC_MICRO_BATCHES else 1
         check(
             isinstance(self.micro_batches, int)
             and not isinstance(self.micro_batches, bool)
-            and 1 <= self.micro_batches <= self.batch_size,
+            and low <= self.micro_batches <= self.batch_size,
             "micro_batches",
             self.micro_batches,
-            f"an integer in 1 .. batch_size ({self.batch_size})",
+            f"an integer in {low} .. batch_size ({self.batch_size})"
+            + (f" (0: {self.AUTOMATIC})" if low == 0 else ""),
         )
         check(
             self.wire_dtype in WIRE_DTYPES,
@@ -117,7 +123,8 @@ class SplitFed(Algorithm):
 
     def __init__(self, config: SplitFedConfig) -> None:
         super().__init__(config)
-        self._parts: tuple[nn.Module, SplitModule, int] | None = None  # of the resident model
+        # the resident model's parts, its number of classes and the cut they were made at
+        self._parts: tuple[nn.Module, SplitModule, int, int] | None = None
 
     def make_strategy(self) -> Strategy:
         return FedAvgStrategy()
@@ -130,42 +137,66 @@ class SplitFed(Algorithm):
         device: DeviceLink,
     ) -> SplitPlan:
         """The task's micro-batches at the configured cut (the same for every device)."""
-        cfg = dataclasses.replace(self.config, **settings) if settings else self.config
-        cut = cfg.cut or len(layers) // 2
+        cfg = self._config_with(settings)
+        return self._plan(layers, num_examples, cfg, self._cut(cfg, len(layers)), settings)
+
+    def _config_with(self, settings: Mapping[str, Any]) -> SplitFedConfig:
+        return dataclasses.replace(self.config, **settings) if settings else self.config
+
+    def _cut(self, cfg: SplitFedConfig, layers: int) -> int:
+        """The task's cut: the configured one, or half of the ``layers``."""
+        cut = cfg.cut or layers // 2
         check(
-            cut < len(layers),
+            cut < layers,
             "cut",
             cfg.cut,
-            f"at most {len(layers) - 1} (the model has {len(layers)} top-level layers)",
+            f"at most {layers - 1} (the model has {layers} top-level layers)",
         )
+        return cut
+
+    def _max_iterations(self, cfg: SplitFedConfig) -> int:
+        """Iterations of a task (0: every minibatch of its epochs)."""
+        return 0
+
+    def _plan(
+        self,
+        layers: Sequence[LayerCost],
+        num_examples: int,
+        cfg: SplitFedConfig,
+        cut: int,
+        settings: Mapping[str, Any],
+    ) -> SplitPlan:
         return plan_for_cut(
             layers,
             cut,
             num_examples=num_examples,
             batch_size=cfg.batch_size,
             epochs=cfg.local_epochs,
-            micro_batches=cfg.micro_batches,
+            micro_batches=cfg.micro_batches or 1,
             wire_bytes=wire_dtype(cfg.wire_dtype).itemsize,
             label_bytes=label_dtype(layers[-1].output_elements).itemsize,
             part_bytes=4 * sum(layer.state_elements for layer in layers[:cut]),
             settings=settings,
+            max_iterations=self._max_iterations(cfg),
         )
 
-    def _split(self, model: FlatModel, x: torch.Tensor) -> tuple[SplitModule, int]:
-        """The resident model's two parts and its number of classes (from one example's
-        logits), made once per resident model."""
+    def _split(
+        self, model: FlatModel, x: torch.Tensor, cfg: SplitFedConfig
+    ) -> tuple[SplitModule, int]:
+        """The resident model's two parts at the task's cut and its number of classes
+        (from one example's logits), made once per resident model and cut."""
         module = model.module
-        if self._parts is not None and self._parts[0] is module:
-            return self._parts[1], self._parts[2]
         layers = num_cut_points(module) + 1
-        cut = self.config.cut or layers // 2
+        cut = cfg.cut or layers // 2  # cut_module refuses a cut the model does not have
+        if self._parts is not None and self._parts[0] is module and self._parts[3] == cut:
+            return self._parts[1], self._parts[2]
         parts = cut_module(module, cut)
         training = module.training
         module.eval()
         with torch.no_grad():
             num_classes = int(module(x[:1]).shape[-1])
         module.train(training)
-        self._parts = (module, parts, num_classes)
+        self._parts = (module, parts, num_classes, cut)
         return parts, num_classes
 
     def update(
@@ -178,13 +209,14 @@ class SplitFed(Algorithm):
     ) -> UpdateOutput:
         cfg = self.task_config(ctx)
         assert isinstance(cfg, SplitFedConfig)
-        parts, num_classes = self._split(model, data.x)
+        parts, num_classes = self._split(model, data.x, cfg)
         wire = wire_dtype(cfg.wire_dtype)
+        micro = cfg.micro_batches or 1
         up = down = 0
 
         def backward(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
             nonlocal up, down
-            n = min(cfg.micro_batches, len(xb))  # an epoch's last, short minibatch
+            n = min(micro, len(xb))  # an epoch's last, short minibatch
             it = split_iteration(
                 parts.device, parts.server, xb, yb, n, num_classes=num_classes, wire=wire
             )
@@ -192,19 +224,31 @@ class SplitFed(Algorithm):
             down += sum(it.downlink_bytes)
             return torch.tensor(it.loss)
 
-        stepper = SGDStepper(model, cfg, backward=backward)
-        for xb, yb in minibatches(ctx, data, cfg):
+        momentum = state["momentum"] if state is not None and "momentum" in state else None
+        stepper = SGDStepper(model, cfg, backward=backward, momentum_buffer=momentum)
+        for xb, yb in self._minibatches(ctx, data, cfg):
             stepper.step(xb, yb)
         res = stepper.result()
         device_bytes = 4 * parts.layout.device.numel
         weight = float(ctx.num_examples) if cfg.weighted else 1.0
         return UpdateOutput(
             ClientResult({"params": model.params}, weight),
-            None,
+            self._state_after(stepper),
             {
                 "train_loss": res.mean_loss,
                 "local_steps": float(res.steps),
                 "cut_bytes_up": float(up + device_bytes),
                 "cut_bytes_down": float(down + device_bytes),
+                "cut": float(parts.cut),
+                "micro_batches": float(micro),
             },
         )
+
+    def _minibatches(
+        self, ctx: ClientContext, data: ClientData, cfg: SplitFedConfig
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return minibatches(ctx, data, cfg)
+
+    def _state_after(self, stepper: SGDStepper) -> Tensors | None:
+        """The client state a task leaves (none: SplitFed keeps no optimiser state)."""
+        return None

@@ -256,8 +256,14 @@ class Engine:
         """The algorithm's plan of a split task of ``client_id``, on its device as the
         system model describes it."""
         assert self.split_layers is not None
-        p = self.system.profile(client_id)
-        link = DeviceLink(p.speed, p.uplink_mbps * 1e6, p.downlink_mbps * 1e6)
+        system = self.system
+        p = system.profile(client_id)
+        link = DeviceLink(
+            system.compute_time_s(client_id, 1),
+            system.server_compute_time_s(1),
+            p.uplink_mbps * 1e6,
+            p.downlink_mbps * 1e6,
+        )
         n = self.dataset.num_examples(client_id)
         return self.algorithm.split_plan(self.split_layers, n, settings or _NO_SETTINGS, link)
 

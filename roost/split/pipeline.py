@@ -155,15 +155,20 @@ def choose_split(
     downlink_bps: float,
     *,
     reference_compat: bool = False,
+    cuts: Sequence[int] | None = None,
 ) -> SplitChoice:
-    """The cut of least predicted iteration time, with its ``N`` (module docstring)."""
+    """The cut of least predicted iteration time, with its ``N`` (module docstring),
+    among ``cuts`` (default: every cut ``1 .. L - 1``)."""
     layers = len(costs.output_bytes)
     if layers < 2:
         raise ValueError(f"a split needs a model of at least 2 layers, got {layers}")
     if uplink_bps <= 0 or downlink_bps <= 0:
         raise ValueError(f"bandwidths must be > 0 bits/s, got {uplink_bps} and {downlink_bps}")
+    allowed = range(1, layers) if cuts is None else cuts
+    if not allowed or any(not 1 <= c < layers for c in allowed):
+        raise ValueError(f"cuts must be some of 1 .. {layers - 1}, got {list(allowed)}")
     candidates = []
-    for cut in range(1, layers):
+    for cut in allowed:
         totals = costs.totals(cut, uplink_bps, downlink_bps)
         n = micro_batches_for(totals, batch)
         candidates.append((cut, n, makespan(totals, n, reference_compat=reference_compat)))

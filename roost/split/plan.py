@@ -11,7 +11,8 @@ upload of the trained ``W^c_k``. Per micro-batch:
   (``m`` times :attr:`SplitPlan.up_bytes_per_example`);
 * server forward and backward of layers ``P+1 .. L``, then the activations' gradient down
   (``m`` times :attr:`SplitPlan.down_bytes_per_example`);
-* device backward of layers ``1 .. P``, once its last forward of the iteration is done.
+* device backward of layers ``1 .. P``, once its last forward of the iteration is done
+  (a device part without parameters gets no gradient back).
 
 Compute is given as *shares* of one example's whole-model training (forward plus backward)
 so that a system model's seconds per example times the shares gives seconds: with ``F_ℓ``
@@ -33,17 +34,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from roost.models.cost import LayerCost
+from roost.split.pipeline import LayerCosts
 
-__all__ = ["DeviceLink", "SplitPlan", "plan_for_cut"]
+__all__ = ["DeviceLink", "SplitPlan", "aps_costs", "forward_shares", "plan_for_cut"]
 
 
 @dataclass(frozen=True)
 class DeviceLink:
-    """What a device tells the server about itself before training (PiPar profiles its
-    devices once): compute speed relative to the reference device, bandwidths in bits per
-    second."""
+    """What a device and the server know of each other before training (PiPar profiles
+    both once): seconds of whole-model training (forward and backward) per example on the
+    device and on the server, and the device's bandwidths in bits per second."""
 
-    speed: float
+    seconds_per_example: float
+    server_seconds_per_example: float
     uplink_bps: float
     downlink_bps: float
 
@@ -66,20 +69,27 @@ class SplitPlan:
     down_bytes_per_example: int
     part_bytes: int
     settings: Mapping[str, Any] = field(default_factory=dict)
+    max_iterations: int = 0
 
     def iterations(self) -> Iterator[tuple[int, int]]:
-        """``(n, m)`` of each iteration in order: micro-batches and their size."""
+        """``(n, m)`` of each iteration in order: micro-batches and their size (the first
+        ``max_iterations`` of them when that is set)."""
         n_k, b = self.num_examples, self.batch_size
         full, rest = divmod(n_k, b)
         sizes = [b] * full + ([rest] if rest else [])
+        left = self.num_iterations
         for _ in range(self.epochs):
             for size in sizes:
+                if left == 0:
+                    return
+                left -= 1
                 n = min(self.micro_batches, size)
                 yield n, size // n
 
     @property
     def num_iterations(self) -> int:
-        return self.epochs * math.ceil(self.num_examples / self.batch_size)
+        every = self.epochs * math.ceil(self.num_examples / self.batch_size)
+        return min(every, self.max_iterations) if self.max_iterations else every
 
     def cut_bytes(self) -> tuple[int, int]:
         """Bytes of every activation message up and every gradient down, in a task."""
@@ -102,22 +112,22 @@ def plan_for_cut(
     label_bytes: int,
     part_bytes: int,
     settings: Mapping[str, Any] | None = None,
+    max_iterations: int = 0,
 ) -> SplitPlan:
     """The plan of a task cut after top-level layer ``cut`` (1 .. L - 1) of a model with
     these per-layer costs; ``wire_bytes`` per activation element, ``label_bytes`` per
-    label, ``part_bytes`` for the device part each way. A model whose layers count no
-    multiply-adds at all shares its compute equally among its layers."""
+    label, ``part_bytes`` for the device part each way, at most ``max_iterations``
+    iterations (0: every one of its epochs). A model whose layers count no multiply-adds
+    at all shares its compute equally among its layers (:func:`forward_shares`)."""
     if not 1 <= cut < len(layers):
         raise ValueError(
             f"cut={cut}: a model of {len(layers)} layers cuts at 1 .. {len(layers) - 1}"
         )
-    macs = [float(c.macs) for c in layers]
-    if sum(macs) <= 0:
-        macs = [1.0] * len(layers)
-    total = 3.0 * sum(macs)
-    device = sum(macs[:cut]) / total
-    server = sum(macs[cut:]) / total
+    shares = forward_shares(layers)
+    device = sum(shares[:cut]) / 3.0
+    server = sum(shares[cut:]) / 3.0
     elements = layers[cut - 1].output_elements
+    trains = sum(c.state_elements for c in layers[:cut]) > 0  # else no gradient goes back
     return SplitPlan(
         num_examples=num_examples,
         batch_size=batch_size,
@@ -128,7 +138,38 @@ def plan_for_cut(
         server_forward=server,
         server_backward=2.0 * server,
         up_bytes_per_example=elements * wire_bytes + label_bytes,
-        down_bytes_per_example=elements * wire_bytes,
+        down_bytes_per_example=elements * wire_bytes if trains else 0,
         part_bytes=part_bytes,
         settings=dict(settings or {}),
+        max_iterations=max_iterations,
+    )
+
+
+def forward_shares(layers: Sequence[LayerCost]) -> list[float]:
+    """Each layer's share of the model's forward multiply-adds (adding up to 1); equal
+    shares when no layer counts any."""
+    macs = [float(c.macs) for c in layers]
+    total = sum(macs)
+    if total <= 0:
+        return [1.0 / len(layers)] * len(layers)
+    return [m / total for m in macs]
+
+
+def aps_costs(
+    layers: Sequence[LayerCost], batch: int, device: DeviceLink, wire_bytes: int
+) -> LayerCosts:
+    """The per-layer costs PiPar's APS takes (:func:`~roost.split.pipeline.choose_split`)
+    for a batch of ``batch`` on ``device``: forward seconds ``B t share_ℓ / 3`` on the
+    device (``t`` its seconds per example) and on the server, backward twice those, and
+    each layer's output bytes for the batch at ``wire_bytes`` per element (what a cut
+    after it sends; labels are left out, as in PiPar's model)."""
+    shares = forward_shares(layers)
+    dev = [batch * device.seconds_per_example * s / 3.0 for s in shares]
+    srv = [batch * device.server_seconds_per_example * s / 3.0 for s in shares]
+    return LayerCosts(
+        dev,
+        [2.0 * t for t in dev],
+        srv,
+        [2.0 * t for t in srv],
+        [batch * c.output_elements * wire_bytes for c in layers],
     )

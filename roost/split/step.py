@@ -10,7 +10,8 @@ PiPar's ``node/client.py`` and ``node/server_replica.py``):
    (its gradients accumulate), and sends back ``g_j = ∂L_j/∂a_j``
    (:class:`~roost.split.messages.Gradient`);
 3. the device back-propagates each ``g_j`` through ``a_j``, in order (its gradients
-   accumulate).
+   accumulate). A device part without parameters (a cut after a flatten) has nothing to
+   train: no gradient is sent back.
 
 The gradients left in both parts' ``.grad`` are those of ``L = Σ_j L_j``, the mean of the
 micro-batches' mean losses, which for ``N m = B`` is the batch's mean cross-entropy: one
@@ -78,14 +79,16 @@ def split_iteration(
         sent.append(Activations.of(a, y[j * m : (j + 1) * m], wire, num_classes))
     returned: list[Gradient] = []
     losses: list[torch.Tensor] = []
+    trains = outputs[0].requires_grad  # False: the device part has nothing to train
     for message in sent:
         leaf, labels = message.received()
         loss = F.cross_entropy(server(leaf), labels) / n
         loss.backward()
         assert leaf.grad is not None
         losses.append(loss.detach())
-        returned.append(Gradient.of(leaf.grad, wire))
-    for a, g in zip(outputs, returned, strict=True):
+        if trains:
+            returned.append(Gradient.of(leaf.grad, wire))
+    for a, g in zip(outputs, returned, strict=False):
         a.backward(g.received())
     return IterationResult(
         float(torch.stack(losses).sum()),
