@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from roost.algorithms.asynchronous import AsyncStrategy
-from roost.algorithms.base import Strategy
+from roost.algorithms.base import Algorithm, Strategy
 from roost.build import RunParts, WorkerParts, build_parts, initial_params
 from roost.clock import WallClock
 from roost.config import ResolvedConfig, apply_overrides, resolve
@@ -237,8 +237,11 @@ def _execute_run(
             torch.set_num_threads(threads)
     init = initial_params(cfg, parts)
     num_params = init.numel()
+    if type(algorithm).bind_model is not Algorithm.bind_model:  # it needs the model
+        algorithm.bind_model(parts.build_module())
     strategy = algorithm.make_strategy()
     strategy.initialize(init, dataset.num_clients)
+    strategy.clients_per_round = rc.clients_per_round
     # w^0 is kept only where personal models that were never trained are measured at it
     initial = init if algorithm.evaluates_personal_models() else None
     del init

@@ -29,7 +29,9 @@ from roost.algorithms.fedprox import FedProx, FedProxConfig
 from roost.algorithms.pipar import PiPar, PiParConfig
 from roost.algorithms.scaffold import Scaffold, ScaffoldConfig, ScaffoldStrategy
 from roost.algorithms.splitfed import SplitFed, SplitFedConfig
+from roost.algorithms.splitfed_v2 import SplitFedV2, SplitFedV2Config
 from roost.algorithms.teasq import TEASQ, TEASQConfig, TEASQStrategy
+from roost.algorithms.vanilla_sl import VanillaSL, VanillaSLConfig
 
 __all__ = [
     "ALGORITHMS",
@@ -76,7 +78,11 @@ __all__ = [
     "ScaffoldStrategy",
     "SplitFed",
     "SplitFedConfig",
+    "SplitFedV2",
+    "SplitFedV2Config",
     "Strategy",
     "TEASQConfig",
     "TEASQStrategy",
+    "VanillaSL",
+    "VanillaSLConfig",
 ]

@@ -39,6 +39,8 @@ import torch
 from roost.registry import Registry, check
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from roost.data.base import ClientData
     from roost.models.cost import LayerCost
     from roost.params import FlatModel
@@ -296,6 +298,7 @@ class Strategy:
         self.params = torch.empty(0)
         self.version = 0
         self.num_clients = 0
+        self.clients_per_round = 0  # the run's, set by the runner (0: not known)
 
     def initialize(self, params: torch.Tensor, num_clients: int = 0) -> None:
         """Take the initial global parameters (flat, owned by the strategy from now on)
@@ -427,6 +430,11 @@ class Algorithm:
         one float32 model; a compressed upload may depend on the version through its
         schedule)."""
         return 4 * num_params
+
+    def bind_model(self, module: nn.Module) -> None:
+        """Called once by the runner with a freshly built model of the run, before
+        :meth:`make_strategy`, for methods whose server half needs the model's structure
+        (SplitFed v2 averages only the device part's entries). Default: nothing."""
 
     def split_plan(
         self,

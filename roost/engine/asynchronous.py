@@ -34,10 +34,11 @@ import numpy as np
 
 from roost.algorithms.asynchronous import AsyncStrategy
 from roost.algorithms.base import Strategy
-from roost.engine.core import REFILL, WAKE, delivery_metrics
+from roost.engine.core import REFILL, WAKE, delivery_metrics, split_fields
 from roost.engine.draws import LazyStream, StreamDraws
 from roost.engine.flight import Computed, certain_prefix
 from roost.registry import ConfigError
+from roost.system.split_schedule import RoundSchedule, TaskSchedule
 
 if TYPE_CHECKING:
     from roost.engine.core import Engine
@@ -70,6 +71,7 @@ class AsyncPolicy:
         self._min_task_s: float | None = None
         self.runtime_metrics: dict[str, Any] = {}  # of the last execute (batch or resume)
         self._refill_draws = StreamDraws(engine.run_config.seed, 6)
+        self.last_step_s = 0.0  # virtual time of the last server step
         self._reset_step()
 
     def _reset_step(self) -> None:
@@ -78,6 +80,7 @@ class AsyncPolicy:
         self.dropped = 0
         self.bytes_down = 0
         self.bytes_up = 0
+        self.split_tasks: list[TaskSchedule] = []  # timelines of the step's split tasks
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -85,6 +88,7 @@ class AsyncPolicy:
             "refills": self.refills,
             "pending_refills": self.pending_refills,
             "wake_s": self.wake_s,
+            "last_step_s": self.last_step_s,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -95,6 +99,7 @@ class AsyncPolicy:
         self.pending_refills = int(state["pending_refills"])
         for _ in range(self.pending_refills):
             clock.schedule(clock.now, ("refill", -1), REFILL)
+        self.last_step_s = float(state.get("last_step_s", clock.now))
         self.wake_s = state["wake_s"]
         if self.wake_s is not None:
             clock.schedule(self.wake_s, ("wake", -1), WAKE)
@@ -328,6 +333,8 @@ class AsyncPolicy:
             self.staleness.append(arrival.staleness)
             self.bytes_down += flight.down_bytes
             self.bytes_up += flight.up_bytes
+            if e.times_split:
+                self.split_tasks.append(e.task_schedule(flight))
             stepped = self.strategy.accept(arrival, done.contribution)
             if not stepped or step < e.run_config.rounds:
                 self._schedule_refill()
@@ -347,6 +354,13 @@ class AsyncPolicy:
         record["in_flight"] = len(e.flights)
         record.update(fields)
         record.update(self.runtime_metrics)
+        now = e.clock.now
+        if self.split_tasks:
+            schedule = RoundSchedule(
+                self.split_tasks, sum(t.server_busy_s for t in self.split_tasks)
+            )
+            record.update(split_fields(schedule, self.last_step_s, now))
+        self.last_step_s = now
         self._reset_step()
         e.finish_record(record, step, wall_start)
         return record

@@ -62,6 +62,7 @@ __all__ = [
     "Engine",
     "History",
     "client_metric_means",
+    "split_fields",
 ]
 
 # event priorities at equal times: a slot waiting for an online client is retried; tasks
@@ -125,6 +126,31 @@ def delivery_metrics(
     out["staleness_mean"] = sum(staleness) / len(staleness) if len(staleness) else None
     out["staleness_max"] = int(max(staleness)) if len(staleness) else None
     return out
+
+
+def split_fields(schedule: RoundSchedule, t0: float, end_s: float) -> dict[str, Any]:
+    """A split-learning round's (or asynchronous step's) resources for its record: its
+    span (from ``t0``, the round's dispatch or the previous step, to ``end_s``), the
+    shared server's busy and idle seconds within it, the mean over its tasks of each
+    device resource's busy seconds, and, when the schedule kept one, the timeline of the
+    first iteration (times from ``t0``)."""
+    span = end_s - t0
+    tasks = schedule.tasks
+    n = len(tasks)
+    fields: dict[str, Any] = {
+        "round_span_s": span,
+        "server_busy_s": schedule.server_busy_s,
+        "server_idle_s": max(0.0, span - schedule.server_busy_s),
+        "device_compute_busy_s": sum(t.device_compute_busy_s for t in tasks) / n,
+        "uplink_busy_s": sum(t.uplink_busy_s for t in tasks) / n,
+        "downlink_busy_s": sum(t.downlink_busy_s for t in tasks) / n,
+    }
+    if schedule.timeline:
+        fields["split_timeline"] = [
+            [res, client, j, start - t0, end - t0, *([what] if res == "device_compute" else [])]
+            for res, client, j, start, end, what in schedule.timeline
+        ]
+    return fields
 
 
 class Engine:
@@ -266,6 +292,13 @@ class Engine:
         )
         n = self.dataset.num_examples(client_id)
         return self.algorithm.split_plan(self.split_layers, n, settings or _NO_SETTINGS, link)
+
+    def task_schedule(self, flight: Flight) -> TaskSchedule:
+        """The timeline of a split task that was scheduled alone (an asynchronous
+        method's), computed again from its plan: its resources' busy seconds."""
+        plan = self.split_plan(flight.client_id, dict(flight.task.settings))
+        task = SplitTask(flight.client_id, flight.timing.start_s, plan)
+        return schedule_split_tasks(self.system, [task]).tasks[0]
 
     def plan_flight(
         self,

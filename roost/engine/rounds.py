@@ -38,13 +38,12 @@ import numpy as np
 
 from roost.algorithms.asynchronous import Arrival
 from roost.algorithms.base import Contribution
-from roost.engine.core import ROUND_END, delivery_metrics
+from roost.engine.core import ROUND_END, delivery_metrics, split_fields
 from roost.errors import RoostWarning
 
 if TYPE_CHECKING:
     from roost.engine.core import Engine
     from roost.engine.flight import Flight
-    from roost.system.split_schedule import RoundSchedule
 
 __all__ = ["RoundPlan", "RoundPolicy", "plan_round"]
 
@@ -82,30 +81,6 @@ def plan_round(
     else:
         end = max((arrival[c] for c in counted), default=t0)
     return RoundPlan(list(selected), counted, arrival, end)
-
-
-def split_fields(schedule: RoundSchedule, t0: float, end_s: float) -> dict[str, Any]:
-    """A split-learning round's resources for its record: the round's span (dispatch to
-    its end), the shared server's busy and idle seconds within it, the mean over the
-    round's devices of each device resource's busy seconds, and, when the schedule kept
-    one, the timeline of the first iteration (times from the round's start)."""
-    span = end_s - t0
-    tasks = schedule.tasks
-    n = len(tasks)
-    fields: dict[str, Any] = {
-        "round_span_s": span,
-        "server_busy_s": schedule.server_busy_s,
-        "server_idle_s": max(0.0, span - schedule.server_busy_s),
-        "device_compute_busy_s": sum(t.device_compute_busy_s for t in tasks) / n,
-        "uplink_busy_s": sum(t.uplink_busy_s for t in tasks) / n,
-        "downlink_busy_s": sum(t.downlink_busy_s for t in tasks) / n,
-    }
-    if schedule.timeline:
-        fields["split_timeline"] = [
-            [res, client, j, start - t0, end - t0, *([what] if res == "device_compute" else [])]
-            for res, client, j, start, end, what in schedule.timeline
-        ]
-    return fields
 
 
 class RoundPolicy:

@@ -12,6 +12,7 @@ import torch
 
 from roost.algorithms.asynchronous import AsyncStrategy
 from roost.algorithms.base import ALGORITHMS
+from roost.build import build_parts
 from roost.config import apply_overrides, load_config_source, resolve
 from roost.runner import resume, run
 
@@ -23,7 +24,9 @@ def test_algorithm_runs_and_resumes_exactly(name, tmp_path):
     overrides = [*SMALL, f"algorithm={name}", "algorithm.batch_size=16"]
     full = resolve(apply_overrides(load_config_source("quickstart"), [*overrides, "rounds=2"]))
     history = run(full, tmp_path / "full")
-    strategy = ALGORITHMS.get(name).factory(full.config("algorithm")).make_strategy()
+    algorithm = ALGORITHMS.get(name).factory(full.config("algorithm"))
+    algorithm.bind_model(build_parts(full).build_module())  # as the runner does
+    strategy = algorithm.make_strategy()
     per_step = strategy.arrivals_per_step if isinstance(strategy, AsyncStrategy) else 4
     assert [r["clients"] for r in history.records] == [per_step, per_step]
     assert history.final["loss"] is not None and history.final["loss"] < 10
