@@ -41,6 +41,13 @@ def build_module(name: str, config: Any, info: DatasetInfo) -> nn.Module:
     return build_model(name, config, info)
 
 
+def build_adapted_module(
+    algorithm: Algorithm, name: str, config: Any, info: DatasetInfo
+) -> nn.Module:
+    """The model ``name`` as ``algorithm`` trains it (:meth:`Algorithm.adapt_model`)."""
+    return algorithm.adapt_model(build_model(name, config, info), info)
+
+
 def _fields(config: Any) -> dict[str, Any]:
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
@@ -86,7 +93,11 @@ def build_parts(cfg: ResolvedConfig) -> RunParts:
             f"must be <= the number of clients ({dataset.num_clients})",
         )
     algorithm = build_algorithm(cfg)
-    builder = functools.partial(build_module, cfg.name("model"), cfg.config("model"), dataset.info)
+    model = (cfg.name("model"), cfg.config("model"), dataset.info)
+    if type(algorithm).adapt_model is Algorithm.adapt_model:
+        builder: Callable[[], nn.Module] = functools.partial(build_module, *model)
+    else:  # the algorithm changes the architecture (deprune's bottleneck at the cut)
+        builder = functools.partial(build_adapted_module, algorithm, *model)
     return RunParts(dataset, algorithm, builder)
 
 

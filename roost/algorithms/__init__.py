@@ -9,6 +9,7 @@ from __future__ import annotations
 from roost.algorithms.amble import AMBLE, AMBLEConfig, AMBLEStrategy
 from roost.algorithms.asynchronous import Arrival, AsyncStrategy
 from roost.algorithms.base import ALGORITHMS, Algorithm, Strategy
+from roost.algorithms.deprune import Deprune, DepruneConfig
 from roost.algorithms.ditto import Ditto, DittoConfig
 from roost.algorithms.fedasmu import FedASMU, FedASMUConfig, FedASMUStrategy
 from roost.algorithms.fedasync import FedAsync, FedAsyncConfig, FedAsyncStrategy
@@ -42,6 +43,8 @@ __all__ = [
     "Algorithm",
     "Arrival",
     "AsyncStrategy",
+    "Deprune",
+    "DepruneConfig",
     "Ditto",
     "DittoConfig",
     "FedASMU",

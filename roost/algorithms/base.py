@@ -41,7 +41,7 @@ from roost.registry import Registry, check
 if TYPE_CHECKING:
     from torch import nn
 
-    from roost.data.base import ClientData
+    from roost.data.base import ClientData, DatasetInfo
     from roost.models.cost import LayerCost
     from roost.params import FlatModel
     from roost.split.plan import DeviceLink, SplitPlan
@@ -430,6 +430,12 @@ class Algorithm:
         one float32 model; a compressed upload may depend on the version through its
         schedule)."""
         return 4 * num_params
+
+    def adapt_model(self, module: nn.Module, info: DatasetInfo) -> nn.Module:
+        """The model this method trains, from the run's ``module`` (for data described by
+        ``info``): the same by default; deprune inserts its bottleneck at the cut. Every
+        process of a run builds its model through this, so all agree on the layout."""
+        return module
 
     def bind_model(self, module: nn.Module) -> None:
         """Called once by the runner with a freshly built model of the run, before

@@ -10,11 +10,12 @@ cut, and one training iteration over micro-batches.
   measured on this host (:func:`profile_layers`);
 * :mod:`~roost.split.plan` — what one split task computes and sends (:class:`SplitPlan`),
   which :mod:`roost.system.split_schedule` times per micro-batch on the device's compute
-  and links and on the one shared server.
+  and links and on the one shared server;
+* :mod:`~roost.split.bottleneck` — deprune's gated encoder and decoder at the cut, its
+  top-b mask, penalty, gate reset, kept-channel messages and phase schedules.
 
-SplitFed v1 is built on these (``algorithm=splitfed``, :mod:`roost.algorithms.splitfed`).
-Not built yet: vanilla split learning, SplitFed v2, PiPar and deprune/prune as methods,
-and deploying split methods.
+The methods built on these: ``algorithm=vanilla_sl``, ``splitfed``, ``splitfed_v2``,
+``pipar`` and ``deprune`` (:mod:`roost.algorithms`). Not built yet: deploying them.
 """
 
 from roost.split.cut import SplitLayout, SplitModule, cut_module, num_cut_points

@@ -151,9 +151,13 @@ def _check_mask(mask: torch.Tensor, channels: int) -> None:
 # --- the layers -----------------------------------------------------------------------
 
 
-def _geometry(resolution_compression: int) -> tuple[int, int, int]:
+def _geometry(resolution_compression: int, flat: bool = False) -> tuple[int, int, int]:
     """Kernel, stride and padding of the encoder's conv (and the decoder's transposed
-    conv) for resolution compression ``rc``: ``(2 + rc, rc, rc)``."""
+    conv) for resolution compression ``rc``: ``(2 + rc, rc, rc)``; on features (1 x 1
+    maps, ``flat``) a pointwise ``(1, 1, 0)``, the same map without the weights a 3 x 3
+    kernel would hold outside its centre."""
+    if flat:
+        return 1, 1, 0
     rc = resolution_compression
     return 2 + rc, rc, rc
 
@@ -170,12 +174,18 @@ def _compressed_channels(channels: int, feature_compression: int) -> int:
 
 class Encoder(nn.Module):
     """The device's last layer: ``C → C'`` channels, resolution ``H → H'``, values in (0, 1).
+    ``(N, C)`` features are taken as ``C`` channels of ``1 x 1`` (``flat``: with a
+    pointwise conv).
 
     ``forward(x) = sigmoid(BN(conv(x))) · sigmoid(gate)`` (the gate broadcast over H, W),
-    in both modes: the top-b mask of prune mode is applied to the output by the caller
-    (:func:`top_b_mask`, :class:`KeptChannels`). ``gate`` is the learnable ``p ∈ R^{C'}``,
-    drawn as ``15 · U(0, 1)`` from ``generator`` (torch's global generator if None).
+    times, in prune mode (the buffer ``budget`` set to ``b > 0``), the reference's mask
+    :func:`weighted_top_b_mask` (``weighted_mask = False``: the 0/1 :func:`top_b_mask`),
+    detached: the channels left out are 0 in training and in evaluation alike. ``gate``
+    is the learnable ``p ∈ R^{C'}``, drawn as ``15 · U(0, 1)`` from ``generator``
+    (torch's global generator if None).
     """
+
+    budget: torch.Tensor
 
     def __init__(
         self,
@@ -184,18 +194,29 @@ class Encoder(nn.Module):
         resolution_compression: int = 1,
         *,
         generator: torch.Generator | None = None,
+        flat: bool = False,
     ) -> None:
         super().__init__()
         _check_int("in_channels", in_channels, 1)
         out = _compressed_channels(in_channels, feature_compression)
         _check_int("resolution_compression", resolution_compression, 1)
-        kernel, stride, padding = _geometry(resolution_compression)
+        if flat and resolution_compression != 1:
+            raise ValueError(
+                f"resolution_compression={resolution_compression}: features have no "
+                "resolution to compress (1)"
+            )
+        kernel, stride, padding = _geometry(resolution_compression, flat)
+        self.flat = flat
         self.in_channels = in_channels
         self.feature_compression = feature_compression
         self.resolution_compression = resolution_compression
         self.conv = nn.Conv2d(in_channels, out, kernel, stride=stride, padding=padding)
         self.bn = nn.BatchNorm2d(out, momentum=_BN_MOMENTUM, eps=_BN_EPS)
         self.gate = nn.Parameter(GATE_SCALE * torch.rand(out, generator=generator))
+        self.weighted_mask = True
+        # prune mode's budget b (0: no mask); a buffer, so the model carries its mode
+        # to wherever it runs, evaluation included
+        self.register_buffer("budget", torch.zeros(()))
 
     @property
     def out_channels(self) -> int:
@@ -214,11 +235,24 @@ class Encoder(nn.Module):
             self.feature_compression,
             self.resolution_compression,
             output_size=output_size,
+            flat=self.flat,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:  # features (N, C) as C channels of 1 x 1 (a cut in an MLP)
+            x = x[:, :, None, None]
         z = torch.sigmoid(self.bn(self.conv(x)))
-        return z * torch.sigmoid(self.gate).view(1, -1, 1, 1)
+        z = z * torch.sigmoid(self.gate).view(1, -1, 1, 1)
+        b = self.kept
+        if b:
+            mask = (weighted_top_b_mask if self.weighted_mask else top_b_mask)(self.gate, b)
+            z = z * mask.view(1, -1, 1, 1)
+        return z
+
+    @property
+    def kept(self) -> int:
+        """The budget ``b`` of prune mode, 0 in normal mode."""
+        return round(float(self.budget))
 
 
 class Decoder(nn.Module):
@@ -227,7 +261,8 @@ class Decoder(nn.Module):
     ``channels`` is ``C``, the channel count the matching :class:`Encoder` takes. Without
     ``output_size`` the transposed conv is the reference's and restores a side ``H`` only
     when ``(H - 2) % rc == 0`` (module docstring); with ``output_size=(H, W)`` every
-    output is ``H x W``.
+    output is ``H x W``. ``flat``: return ``(N, C)`` features (a cut in an MLP, whose
+    encoder took them as ``C`` channels of ``1 x 1``).
     """
 
     def __init__(
@@ -237,9 +272,11 @@ class Decoder(nn.Module):
         resolution_compression: int = 1,
         *,
         output_size: tuple[int, int] | None = None,
+        flat: bool = False,
     ) -> None:
         super().__init__()
         _check_int("channels", channels, 1)
+        self.flat = flat
         compressed = _compressed_channels(channels, feature_compression)
         _check_int("resolution_compression", resolution_compression, 1)
         if output_size is not None:
@@ -247,7 +284,7 @@ class Decoder(nn.Module):
                 raise ValueError(f"output_size={output_size!r}: must be (height, width)")
             for side in output_size:
                 _check_int("output_size", side, 1)
-        kernel, stride, padding = _geometry(resolution_compression)
+        kernel, stride, padding = _geometry(resolution_compression, flat)
         self.resolution_compression = resolution_compression
         self.target_size = None if output_size is None else (output_size[0], output_size[1])
         self.conv = nn.ConvTranspose2d(compressed, channels, kernel, stride=stride, padding=padding)
@@ -266,7 +303,53 @@ class Decoder(nn.Module):
             y = self.conv(x)
         else:
             y = self.conv(x, output_size=list(self.target_size))
-        return torch.relu(self.bn(y))
+        y = torch.relu(self.bn(y))
+        return y.flatten(1) if self.flat else y
+
+
+def insert_bottleneck(
+    module: nn.Module,
+    cut: int,
+    example: torch.Tensor,
+    feature_compression: int = 1,
+    resolution_compression: int = 1,
+) -> nn.Sequential:
+    """``module`` (an ``nn.Sequential``) with an :class:`Encoder` after its ``cut``-th
+    top-level layer and the matching :class:`Decoder` (restoring the activations' size)
+    right after it, so the model cut after the encoder (``cut + 1``) sends the encoder's
+    output. The activations' shape at the cut comes from ``example`` (a batch of inputs):
+    ``(N, C, H, W)``, or ``(N, C)`` features (an MLP), taken as ``C`` channels of 1 x 1
+    with pointwise convolutions.
+    The gate is drawn from torch's global generator."""
+    if not isinstance(module, nn.Sequential):
+        raise TypeError(f"a bottleneck goes into an nn.Sequential, not {type(module).__name__}")
+    children = list(module.children())
+    _check_int("cut", cut, 1, len(children) - 1)
+    head = nn.Sequential(*children[:cut])
+    training = module.training
+    module.eval()
+    with torch.no_grad():
+        a = head(example[:1])
+    module.train(training)
+    if a.dim() == 4:
+        channels, size, flat = a.shape[1], (a.shape[2], a.shape[3]), False
+    elif a.dim() == 2:
+        if resolution_compression != 1:
+            raise ValueError(
+                f"resolution_compression={resolution_compression}: the activations at cut "
+                f"{cut} are features {tuple(a.shape[1:])}, with no resolution to compress (1)"
+            )
+        channels, size, flat = a.shape[1], (1, 1), True
+    else:
+        raise ValueError(
+            f"the activations at cut {cut} have shape {tuple(a.shape[1:])}; a bottleneck "
+            "takes (C, H, W) maps or (C,) features"
+        )
+    encoder = Encoder(channels, feature_compression, resolution_compression, flat=flat)
+    decoder = Decoder(
+        channels, feature_compression, resolution_compression, output_size=size, flat=flat
+    )
+    return nn.Sequential(*children[:cut], encoder, decoder, *children[cut:])
 
 
 # --- mask, penalty, reset -------------------------------------------------------------

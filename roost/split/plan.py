@@ -55,7 +55,9 @@ class DeviceLink:
 class SplitPlan:
     """One split task, time-free (module docstring). ``settings`` are the task's settings
     as the client procedure will see them (a method that picks the cut per device adds
-    its choice there)."""
+    its choice there). ``up_bytes_per_message``: bytes every uplink message carries
+    whatever its size (deprune's kept-channel indices); ``smallest_batch``: minibatches
+    with fewer examples are skipped (deprune's BatchNorm on 1 x 1 maps needs two)."""
 
     num_examples: int
     batch_size: int
@@ -70,6 +72,8 @@ class SplitPlan:
     part_bytes: int
     settings: Mapping[str, Any] = field(default_factory=dict)
     max_iterations: int = 0
+    up_bytes_per_message: int = 0
+    smallest_batch: int = 1
 
     def iterations(self) -> Iterator[tuple[int, int]]:
         """``(n, m)`` of each iteration in order: micro-batches and their size (the first
@@ -78,11 +82,14 @@ class SplitPlan:
         full, rest = divmod(n_k, b)
         sizes = [b] * full + ([rest] if rest else [])
         left = self.num_iterations
+        smallest = self.smallest_batch
         for _ in range(self.epochs):
             for size in sizes:
                 if left == 0:
                     return
                 left -= 1
+                if size < smallest:
+                    continue
                 n = min(self.micro_batches, size)
                 yield n, size // n
 
@@ -95,7 +102,7 @@ class SplitPlan:
         """Bytes of every activation message up and every gradient down, in a task."""
         up = down = 0
         for n, m in self.iterations():
-            up += n * m * self.up_bytes_per_example
+            up += n * (m * self.up_bytes_per_example + self.up_bytes_per_message)
             down += n * m * self.down_bytes_per_example
         return up, down
 

@@ -137,7 +137,7 @@ def _simulate(
         n, m = run.iterations[run.iteration]
         k, plan, out = run.task.client_id, run.task.plan, run.out
         cf = system.compute_time_s(k, m) * plan.device_forward
-        up_bytes = m * plan.up_bytes_per_example
+        up_bytes = m * plan.up_bytes_per_example + plan.up_bytes_per_message
         up = at
         for j in range(n):
             cf_end = at + (j + 1) * cf

@@ -17,11 +17,13 @@ from roost.config import apply_overrides, load_config_source, resolve
 from roost.runner import resume, run
 
 SMALL = ["clients=12", "clients_per_round=4", "model.hidden=8", "eval_every=0"]
+# settings an algorithm needs on that small model: deprune's budgets fit in its 8 channels
+FITS = {"deprune": ["algorithm.prune_1_budget=4", "algorithm.prune_2_budget=2"]}
 
 
 @pytest.mark.parametrize("name", ALGORITHMS.names())
 def test_algorithm_runs_and_resumes_exactly(name, tmp_path):
-    overrides = [*SMALL, f"algorithm={name}", "algorithm.batch_size=16"]
+    overrides = [*SMALL, f"algorithm={name}", "algorithm.batch_size=16", *FITS.get(name, [])]
     full = resolve(apply_overrides(load_config_source("quickstart"), [*overrides, "rounds=2"]))
     history = run(full, tmp_path / "full")
     algorithm = ALGORITHMS.get(name).factory(full.config("algorithm"))
