@@ -116,6 +116,11 @@ class RunConfig:
             last one, and after the last step (0: after every step). Every step's
             metrics line is written at once; a resumed run continues from the last
             checkpoint and recomputes the steps after it, to the same numbers.
+        split_costs: where split learning's per-layer compute shares come from:
+            ``macs`` (each layer's multiply-adds, a backward twice its forward: the same
+            on every machine) or ``profile`` (each layer's forward and backward seconds
+            measured on this host once at the start, kept in the checkpoint so that a
+            resumed run times its tasks as the run did).
     """
 
     rounds: int = 10
@@ -133,6 +138,7 @@ class RunConfig:
     virtual_time_budget_s: float | None = None
     tensorboard: bool = False
     checkpoint_every_s: float = 10.0
+    split_costs: Literal["macs", "profile"] = "macs"
 
     def __post_init__(self) -> None:
         check(self.rounds >= 1, "rounds", self.rounds, "must be >= 1")
@@ -161,6 +167,12 @@ class RunConfig:
             "must be drop or carry",
         )
         check(self.threads is None or self.threads >= 1, "threads", self.threads, "must be >= 1")
+        check(
+            self.split_costs in ("macs", "profile"),
+            "split_costs",
+            self.split_costs,
+            "must be macs or profile",
+        )
         check(
             self.checkpoint_every_s >= 0 and math.isfinite(self.checkpoint_every_s),
             "checkpoint_every_s",

@@ -8,6 +8,7 @@ system model, the runtime, and the callbacks that write metrics and checkpoints.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import sys
 import time
@@ -32,6 +33,7 @@ from roost.registry import ConfigError
 from roost.runtime.base import RUNTIMES, Job
 from roost.runtime.launch import prestart, release
 from roost.runtime.threads import default_threads
+from roost.split.profile import profile_layers
 from roost.state import ClientStateStore, make_state_store
 from roost.state.base import STATE_FILE_NAME
 from roost.system import build_system
@@ -112,9 +114,14 @@ def _as_resolved(config: ResolvedConfig | Mapping[str, Any]) -> ResolvedConfig:
     return config if isinstance(config, ResolvedConfig) else resolve(config)
 
 
+SPLIT_PROFILE_BATCH = 32
+"""Examples of the batch ``split_costs=profile`` times each layer on."""
+
+
 def _split_layers(cfg: ResolvedConfig, parts: RunParts) -> tuple[LayerCost, ...]:
     """The per-layer costs of a split-learning run's model, which must be an
-    ``nn.Sequential`` (its top-level layers are the cut points)."""
+    ``nn.Sequential`` (its top-level layers are the cut points): multiply-adds, and with
+    ``split_costs=profile`` the seconds measured on this host."""
     module = parts.build_module()
     if not isinstance(module, nn.Sequential):
         raise ConfigError(
@@ -123,7 +130,17 @@ def _split_layers(cfg: ResolvedConfig, parts: RunParts) -> tuple[LayerCost, ...]
             f"is a {type(module).__name__}; split learning cuts an nn.Sequential between its "
             "top-level layers (mlp, cnn, vgg5, vgg11, resnet are)",
         )
-    return layer_costs(module, parts.dataset.info)
+    layers = layer_costs(module, parts.dataset.info)
+    if cfg.run.split_costs == "macs":
+        return layers
+    info = parts.dataset.info
+    dtype = torch.long if info.vocab_size else torch.float32
+    example = torch.zeros((SPLIT_PROFILE_BATCH, *info.input_shape), dtype=dtype)
+    measured = profile_layers(module, example)
+    return tuple(
+        dataclasses.replace(layer, forward_s=f, backward_s=b)
+        for layer, f, b in zip(layers, measured.forward_s, measured.backward_s, strict=True)
+    )
 
 
 def run(

@@ -26,6 +26,7 @@ certain, and returns a result per task or per round).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -627,19 +628,30 @@ class Engine:
     def state_dict(self, with_snapshots: bool = True) -> dict[str, Any]:
         """What a resumed run needs besides the strategy and the client state: the clock,
         every client's dispatch count, the tasks in flight with (unless the caller stores
-        them itself, ``flights.snapshot_dicts()``) their snapshots, and the policy's
-        counters."""
-        return {
+        them itself, ``flights.snapshot_dicts()``) their snapshots, the policy's counters,
+        and split learning's per-layer seconds when they were measured."""
+        state = {
             "virtual_time_s": self.clock.now,
             "dispatches": torch.from_numpy(self.dispatches.copy()),
             "flights": self.flights.state_dict(with_snapshots),
             "policy": self.policy.state_dict(),
         }
+        layers = self.split_layers
+        if layers is not None and all(c.forward_s is not None for c in layers):
+            # measured on the host (split_costs=profile): a resumed run times with these
+            state["split_seconds"] = [[c.forward_s, c.backward_s] for c in layers]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(self.clock, WallClock):  # a wall clock keeps the wall's time
             self.clock = VirtualClock(float(state["virtual_time_s"]))
         self.dispatches = state["dispatches"].numpy().astype(np.int64).copy()
+        seconds = state.get("split_seconds")
+        if seconds is not None and self.split_layers is not None:
+            self.split_layers = tuple(
+                dataclasses.replace(c, forward_s=float(f), backward_s=float(b))
+                for c, (f, b) in zip(self.split_layers, seconds, strict=True)
+            )
         self.flights = FlightTable.from_state_dict(state["flights"])
         self.busy[:] = False
         self._pool = None  # rebuilt from the clock's time at the next dispatch

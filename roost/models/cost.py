@@ -85,11 +85,14 @@ class LayerCost:
     """One top-level layer of an ``nn.Sequential``: forward multiply-adds per example (of
     everything inside it), the number of elements of its output per example, and the
     number of its state elements (parameters and floating-point buffers, what a
-    :class:`~roost.params.FlatModel` holds of it)."""
+    :class:`~roost.params.FlatModel` holds of it); ``forward_s`` and ``backward_s``: its
+    seconds for a batch when they were measured (:func:`roost.split.profile_layers`)."""
 
     macs: int
     output_elements: int
     state_elements: int = 0
+    forward_s: float | None = None
+    backward_s: float | None = None
 
 
 def layer_costs(module: nn.Sequential, info: DatasetInfo) -> tuple[LayerCost, ...]:

@@ -15,15 +15,19 @@ upload of the trained ``W^c_k``. Per micro-batch:
   (a device part without parameters gets no gradient back).
 
 Compute is given as *shares* of one example's whole-model training (forward plus backward)
-so that a system model's seconds per example times the shares gives seconds: with ``F_ℓ``
-layer ``ℓ``'s forward multiply-adds (:func:`~roost.models.cost.layer_costs`) and a
-backward costing twice its forward (FedScale's and the usual 1 : 2 rule)::
+so that a system model's seconds per example times the shares gives seconds. By default
+(``split_costs=macs``), with ``F_ℓ`` layer ``ℓ``'s forward multiply-adds
+(:func:`~roost.models.cost.layer_costs`) and a backward costing twice its forward
+(FedScale's and the usual 1 : 2 rule)::
 
     device_forward = Σ_{ℓ<=P} F_ℓ / (3 Σ_ℓ F_ℓ)     device_backward = 2 device_forward
     server_forward = Σ_{ℓ>P}  F_ℓ / (3 Σ_ℓ F_ℓ)     server_backward = 2 server_forward
 
-so the four shares add up to 1, the whole model's training on one example. Nothing here
-knows time: :mod:`roost.system.split_schedule` turns a plan into seconds.
+so the four shares add up to 1, the whole model's training on one example. With
+``split_costs=profile`` the shares are the layers' forward and backward seconds measured
+on this host (:func:`~roost.split.profile_layers`) over their sum instead
+(:func:`training_shares`). Nothing here knows time: :mod:`roost.system.split_schedule`
+turns a plan into seconds.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from typing import Any
 from roost.models.cost import LayerCost
 from roost.split.pipeline import LayerCosts
 
-__all__ = ["DeviceLink", "SplitPlan", "aps_costs", "forward_shares", "plan_for_cut"]
+__all__ = ["DeviceLink", "SplitPlan", "aps_costs", "plan_for_cut", "training_shares"]
 
 
 @dataclass(frozen=True)
@@ -124,15 +128,13 @@ def plan_for_cut(
     """The plan of a task cut after top-level layer ``cut`` (1 .. L - 1) of a model with
     these per-layer costs; ``wire_bytes`` per activation element, ``label_bytes`` per
     label, ``part_bytes`` for the device part each way, at most ``max_iterations``
-    iterations (0: every one of its epochs). A model whose layers count no multiply-adds
-    at all shares its compute equally among its layers (:func:`forward_shares`)."""
+    iterations (0: every one of its epochs); the compute shares are
+    :func:`training_shares`."""
     if not 1 <= cut < len(layers):
         raise ValueError(
             f"cut={cut}: a model of {len(layers)} layers cuts at 1 .. {len(layers) - 1}"
         )
-    shares = forward_shares(layers)
-    device = sum(shares[:cut]) / 3.0
-    server = sum(shares[cut:]) / 3.0
+    forward, backward = training_shares(layers)
     elements = layers[cut - 1].output_elements
     trains = sum(c.state_elements for c in layers[:cut]) > 0  # else no gradient goes back
     return SplitPlan(
@@ -140,10 +142,10 @@ def plan_for_cut(
         batch_size=batch_size,
         epochs=epochs,
         micro_batches=micro_batches,
-        device_forward=device,
-        device_backward=2.0 * device,
-        server_forward=server,
-        server_backward=2.0 * server,
+        device_forward=sum(forward[:cut]),
+        device_backward=sum(backward[:cut]),
+        server_forward=sum(forward[cut:]),
+        server_backward=sum(backward[cut:]),
         up_bytes_per_example=elements * wire_bytes + label_bytes,
         down_bytes_per_example=elements * wire_bytes if trains else 0,
         part_bytes=part_bytes,
@@ -152,31 +154,40 @@ def plan_for_cut(
     )
 
 
-def forward_shares(layers: Sequence[LayerCost]) -> list[float]:
-    """Each layer's share of the model's forward multiply-adds (adding up to 1); equal
-    shares when no layer counts any."""
+def training_shares(layers: Sequence[LayerCost]) -> tuple[list[float], list[float]]:
+    """Each layer's forward and backward shares of one example's whole training (all of
+    them adding up to 1): from the measured seconds when every layer has them,
+    ``f_ℓ / Σ (f + b)`` and ``b_ℓ / Σ (f + b)``; else from the multiply-adds with a
+    backward twice its forward, ``F_ℓ / 3 Σ F`` and ``2 F_ℓ / 3 Σ F`` (equal shares per
+    layer when no layer counts any)."""
+    if all(c.forward_s is not None and c.backward_s is not None for c in layers):
+        f = [float(c.forward_s or 0.0) for c in layers]
+        b = [float(c.backward_s or 0.0) for c in layers]
+        total = sum(f) + sum(b)
+        if total > 0:
+            return [x / total for x in f], [x / total for x in b]
     macs = [float(c.macs) for c in layers]
-    total = sum(macs)
-    if total <= 0:
-        return [1.0 / len(layers)] * len(layers)
-    return [m / total for m in macs]
+    if sum(macs) <= 0:
+        macs = [1.0] * len(layers)
+    total = 3.0 * sum(macs)
+    return [m / total for m in macs], [2.0 * m / total for m in macs]
 
 
 def aps_costs(
     layers: Sequence[LayerCost], batch: int, device: DeviceLink, wire_bytes: int
 ) -> LayerCosts:
     """The per-layer costs PiPar's APS takes (:func:`~roost.split.pipeline.choose_split`)
-    for a batch of ``batch`` on ``device``: forward seconds ``B t share_ℓ / 3`` on the
-    device (``t`` its seconds per example) and on the server, backward twice those, and
-    each layer's output bytes for the batch at ``wire_bytes`` per element (what a cut
-    after it sends; labels are left out, as in PiPar's model)."""
-    shares = forward_shares(layers)
-    dev = [batch * device.seconds_per_example * s / 3.0 for s in shares]
-    srv = [batch * device.server_seconds_per_example * s / 3.0 for s in shares]
+    for a batch of ``batch`` on ``device``: forward seconds ``B t φ_ℓ`` on the device
+    (``t`` its seconds per example, ``φ_ℓ`` the layer's forward share,
+    :func:`training_shares`) and on the server, backward likewise, and each layer's
+    output bytes for the batch at ``wire_bytes`` per element (what a cut after it sends;
+    labels are left out, as in PiPar's model)."""
+    forward, backward = training_shares(layers)
+    t_dev, t_srv = batch * device.seconds_per_example, batch * device.server_seconds_per_example
     return LayerCosts(
-        dev,
-        [2.0 * t for t in dev],
-        srv,
-        [2.0 * t for t in srv],
+        [t_dev * x for x in forward],
+        [t_dev * x for x in backward],
+        [t_srv * x for x in forward],
+        [t_srv * x for x in backward],
         [batch * c.output_elements * wire_bytes for c in layers],
     )

@@ -150,7 +150,7 @@ def test_resolved_tree_round_trips_through_json():
         (["rounds=0"], "rounds=0: must be >= 1"),
         (
             ["algorithm=fedfoo"],
-            "algorithm=fedfoo: allowed: amble, ditto, fedadagrad, fedadam, fedasmu",
+            "algorithm=fedfoo: allowed: amble, deprune, ditto, fedadagrad, fedadam",
         ),
         (["model.hidden=abc"], "model.hidden=abc: expected an integer"),
         (["rounds"], "rounds=: expected KEY=VALUE"),

@@ -96,10 +96,22 @@ def test_femnist_on_the_quickstart_gets_one_client_per_writer(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_femnist_with_the_readmes_cnn_settings_learns_in_10_rounds(tmp_path):
+    # The README's `quickstart data=leaf data.path=... model=cnn algorithm.lr=0.05` (10 of
+    # 31 writers a round, batch 10, 5 epochs), its first 10 rounds: a third of the cost
+    # of the README's 30 (about 100 s on 2 cores), in CI. Measured 0.689 at round 10
+    # (seed 0, 2026-12-03); 0.6 leaves room for other machines' float rounding.
+    leaf = _need(SHARED / "femnist_leaf")
+    args = ("data=leaf", f"data.path={leaf}", "model=cnn", "algorithm.lr=0.05", "rounds=10")
+    summary = _run(tmp_path, *args)
+    assert summary["clients"] == 31
+    assert summary["final_accuracy"] >= 0.6
+
+
+@pytest.mark.experiment
 def test_femnist_with_the_readmes_cnn_settings_reaches_its_accuracy(tmp_path):
-    # The README: `quickstart data=leaf data.path=... model=cnn algorithm.lr=0.05` (30
-    # rounds, 10 of 31 writers a round, batch 10, 5 epochs). Measured 0.7915 (seed 0);
-    # 0.7 leaves room for other machines' float rounding.
+    # The README's number: 0.79 after the 30 rounds. Measured 0.7915 (seed 0); 0.7 leaves
+    # room for other machines' float rounding. About 5 minutes: with the experiments.
     leaf = _need(SHARED / "femnist_leaf")
     summary = _run(tmp_path, "data=leaf", f"data.path={leaf}", "model=cnn", "algorithm.lr=0.05")
     assert summary["clients"] == 31

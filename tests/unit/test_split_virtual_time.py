@@ -106,10 +106,24 @@ def test_the_first_round_keeps_its_timeline() -> None:
 
 
 @pytest.mark.slow
-def test_split_runs_on_workers_give_the_local_history(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("name", "extra"),
+    [
+        ("splitfed", {"micro_batches": 2}),
+        ("pipar", {}),  # APS per device, momentum as client state
+        (
+            "deprune",
+            {"prune_1_budget": 4, "prune_1_epochs": 1, "prune_2_budget": 2, "prune_2_epochs": 1},
+        ),
+    ],
+)
+def test_split_runs_on_workers_give_the_local_history(
+    name: str, extra: dict[str, Any], tmp_path: Path
+) -> None:
     """The same split run on two worker processes: every record field but wall time and
     the workers' own measurements (their busy seconds, memory, devices)."""
-    tree = _tree(micro_batches=2)
+    tree = _tree(**extra)
+    tree["algorithm"]["name"] = name
     tree.update(clients=6, clients_per_round=4, rounds=3, eval_every=1)
     local = run(resolve(tree)).records
     tree["runtime"] = {"name": "workers", "workers": 2}
@@ -120,3 +134,47 @@ def test_split_runs_on_workers_give_the_local_history(tmp_path: Path) -> None:
         return {k: v for k, v in r.items() if not k.startswith(own)}
 
     assert [strip(r) for r in workers] == [strip(r) for r in local]
+
+
+def test_measured_seconds_give_the_shares() -> None:
+    """split_costs=profile: forward seconds 1, 0, 3 and backward 2, 1, 3 (10 in all):
+    cut 1 puts forward 1/10 and backward 2/10 of an example's training on the device,
+    forward 3/10 and backward 4/10 on the server (the multiply-adds are then unused)."""
+    from roost.models.cost import LayerCost
+    from roost.split.plan import plan_for_cut, training_shares
+
+    layers = [
+        LayerCost(5, 4, 1, forward_s=1.0, backward_s=2.0),
+        LayerCost(0, 4, 0, forward_s=0.0, backward_s=1.0),
+        LayerCost(9, 2, 1, forward_s=3.0, backward_s=3.0),
+    ]
+    assert training_shares(layers) == ([0.1, 0.0, 0.3], [0.2, 0.1, 0.3])
+    plan = plan_for_cut(
+        layers, 1, num_examples=1, batch_size=1, epochs=1, micro_batches=1,
+        wire_bytes=4, label_bytes=1, part_bytes=0,
+    )  # fmt: skip
+    got = (plan.device_forward, plan.device_backward, plan.server_forward, plan.server_backward)
+    assert got == pytest.approx((0.1, 0.2, 0.3, 0.4))
+
+
+def test_a_resumed_profiled_run_times_with_the_seconds_it_measured(tmp_path: Path) -> None:
+    """split_costs=profile measures the layers once; the checkpoint keeps the seconds, and
+    a resumed run uses them rather than measuring again (two measurements of the same
+    layers never agree to the last bit)."""
+    import torch
+
+    from roost.runner import resume
+
+    tree = _tree()
+    tree.update(rounds=3, split_costs="profile")
+
+    def stop_after_first(record: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+        return record["round"] == 1, {}
+
+    run(resolve(tree), tmp_path / "run", callbacks=[stop_after_first])
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    first = torch.load(checkpoint, weights_only=True)["engine"]["split_seconds"]
+    assert len(first) == 4 and all(f > 0 for f, _ in first[1:2])  # Linear(64, 8) took time
+    records = resume(tmp_path / "run").records
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert torch.load(checkpoint, weights_only=True)["engine"]["split_seconds"] == first
