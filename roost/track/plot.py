@@ -29,7 +29,15 @@ from roost.track.rundir import RunDir, RunDirError
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["DEFAULT_X", "LOSS_SCALES", "X_AXES", "parse_x_axes", "plot_figure", "plot_runs"]
+__all__ = [
+    "DEFAULT_X",
+    "LOSS_SCALES",
+    "X_AXES",
+    "parse_x_axes",
+    "plot_figure",
+    "plot_runs",
+    "save_png",
+]
 
 LOSS_SCALES = ("auto", "linear", "log")
 AUTO_LOG_RATIO = 100.0
@@ -163,8 +171,13 @@ def plot_runs(
     loss_scale: str = "auto",
 ) -> Path:
     """Write the PNG of :func:`plot_figure` to ``out`` (atomically); return its path."""
-    fig = plot_figure(dirs, x, loss_scale)
-    import matplotlib.pyplot as plt  # imported by plot_figure
+    return save_png(plot_figure(dirs, x, loss_scale), out)
+
+
+def save_png(fig: Figure, out: str | os.PathLike[str]) -> Path:
+    """Write ``fig`` as a PNG to ``out`` atomically (creating its folder), close it, and
+    return the path."""
+    import matplotlib.pyplot as plt
 
     try:
         buf = io.BytesIO()

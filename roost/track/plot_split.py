@@ -41,7 +41,6 @@ are not drawn, and when no run holds any, no ``-split.png`` is written.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -49,8 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from roost.track.files import atomic_write_bytes
-from roost.track.plot import DEFAULT_X, X_AXES
+from roost.track.plot import DEFAULT_X, X_AXES, save_png
 from roost.track.rundir import RunDir, RunDirError
 
 if TYPE_CHECKING:
@@ -454,20 +452,6 @@ def split_figure(
     return fig
 
 
-def _save(fig: Figure, out: str | os.PathLike[str]) -> Path:
-    import matplotlib.pyplot as plt
-
-    try:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-    finally:
-        plt.close(fig)
-    target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(target, buf.getvalue())
-    return target
-
-
 def plot_split_timeline(
     records: Sequence[Mapping[str, Any]],
     out_path: str | os.PathLike[str],
@@ -477,7 +461,7 @@ def plot_split_timeline(
     """Write the split learning figure of one run's records (the Gantt chart of its first
     iteration above its utilisation panels) as a PNG to ``out_path``; return its path.
     Records without split keys are a ValueError."""
-    return _save(split_figure([(label, records)], x), out_path)
+    return save_png(split_figure([(label, records)], x), out_path)
 
 
 def plot_split_runs(
@@ -497,4 +481,4 @@ def plot_split_runs(
             runs.append((Path(d).name or str(d), records))
     if not runs:
         return None
-    return _save(split_figure(runs, x), out)
+    return save_png(split_figure(runs, x), out)
