@@ -38,7 +38,7 @@ from roost.engine.core import REFILL, WAKE, delivery_metrics, split_fields
 from roost.engine.draws import LazyStream, StreamDraws
 from roost.engine.flight import Computed, certain_prefix
 from roost.registry import ConfigError
-from roost.system.split_schedule import RoundSchedule, TaskSchedule
+from roost.system.split_schedule import Interval, RoundSchedule, TaskSchedule
 
 if TYPE_CHECKING:
     from roost.engine.core import Engine
@@ -81,6 +81,7 @@ class AsyncPolicy:
         self.bytes_down = 0
         self.bytes_up = 0
         self.split_tasks: list[TaskSchedule] = []  # timelines of the step's split tasks
+        self.split_timeline: list[Interval] = []
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -333,8 +334,11 @@ class AsyncPolicy:
             self.staleness.append(arrival.staleness)
             self.bytes_down += flight.down_bytes
             self.bytes_up += flight.up_bytes
-            if e.times_split:
-                self.split_tasks.append(e.task_schedule(flight))
+            if e.times_split:  # the first step's first task keeps its timeline
+                first = step == 1 and not self.split_tasks
+                scheduled = e.task_schedule(flight, timeline=first)
+                self.split_tasks += scheduled.tasks
+                self.split_timeline += scheduled.timeline
             stepped = self.strategy.accept(arrival, done.contribution)
             if not stepped or step < e.run_config.rounds:
                 self._schedule_refill()
@@ -356,9 +360,8 @@ class AsyncPolicy:
         record.update(self.runtime_metrics)
         now = e.clock.now
         if self.split_tasks:
-            schedule = RoundSchedule(
-                self.split_tasks, sum(t.server_busy_s for t in self.split_tasks)
-            )
+            busy = sum(t.server_busy_s for t in self.split_tasks)
+            schedule = RoundSchedule(self.split_tasks, busy, self.split_timeline)
             record.update(split_fields(schedule, self.last_step_s, now))
         self.last_step_s = now
         self._reset_step()

@@ -294,12 +294,13 @@ class Engine:
         n = self.dataset.num_examples(client_id)
         return self.algorithm.split_plan(self.split_layers, n, settings or _NO_SETTINGS, link)
 
-    def task_schedule(self, flight: Flight) -> TaskSchedule:
-        """The timeline of a split task that was scheduled alone (an asynchronous
-        method's), computed again from its plan: its resources' busy seconds."""
+    def task_schedule(self, flight: Flight, *, timeline: bool = False) -> RoundSchedule:
+        """The schedule of a split task that was scheduled alone (an asynchronous
+        method's), computed again from its plan: its resources' busy seconds, and the
+        intervals of its first iteration when ``timeline``."""
         plan = self.split_plan(flight.client_id, dict(flight.task.settings))
         task = SplitTask(flight.client_id, flight.timing.start_s, plan)
-        return schedule_split_tasks(self.system, [task]).tasks[0]
+        return schedule_split_tasks(self.system, [task], timeline=timeline)
 
     def plan_flight(
         self,

@@ -45,7 +45,14 @@ from dataclasses import dataclass, field
 from roost.split.plan import SplitPlan
 from roost.system.model import SystemModel, TaskTiming
 
-__all__ = ["RESOURCES", "RoundSchedule", "SplitTask", "TaskSchedule", "schedule_split_tasks"]
+__all__ = [
+    "RESOURCES",
+    "Interval",
+    "RoundSchedule",
+    "SplitTask",
+    "TaskSchedule",
+    "schedule_split_tasks",
+]
 
 RESOURCES = ("device_compute", "uplink", "server_compute", "downlink")
 """The resources a split task uses, as named in the timeline."""

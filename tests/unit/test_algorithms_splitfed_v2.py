@@ -171,6 +171,17 @@ def test_they_run_from_the_cli_on_the_quickstart(name: str, floor: float) -> Non
     assert [r["clients"] for r in records] == [1] * 20
     assert records[-1]["accuracy"] > floor
     # one task at a time: the server computes only during it, its span the step's
+    # the first turn's first iteration, as a Gantt chart's data: the device part's
+    # download, then per minibatch (one micro-batch) the six stages
+    assert [iv[0] for iv in records[0]["split_timeline"]] == [
+        "downlink",
+        "device_compute",
+        "uplink",
+        "server_compute",
+        "downlink",
+        "device_compute",
+    ]
+    assert "split_timeline" not in records[1]
     for r in records:
         assert 0 < r["server_busy_s"] < r["round_span_s"]
         assert r["server_busy_s"] + r["server_idle_s"] == pytest.approx(r["round_span_s"])
