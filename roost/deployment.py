@@ -133,6 +133,11 @@ def _serve_remote(
         clock: WallClock, num_clients: int, cfg: ResolvedConfig, resumed_step: int | None
     ) -> Iterator[RemoteFleet]:
         journal = Journal(out / JOURNAL_FILE)
+        algorithm = build_algorithm(cfg)
+        split = None
+        if algorithm.splits_the_model:  # the server part's replicas run here
+            parts = build_parts(cfg)
+            split = parts.algorithm.split_serving(parts.build_module, parts.dataset.info)
         coordinator = EngineCoordinator(
             clock,
             num_clients,
@@ -142,7 +147,8 @@ def _serve_remote(
             journal=journal,
             replay_step=resumed_step,
             min_nodes=options.min_nodes,
-            decode_upload=build_algorithm(cfg).decode_upload,
+            decode_upload=algorithm.decode_upload,
+            split=split,
         )
         server = DeployServer(
             coordinator, Verifier(allowed), address=options.address, tls=tls, config=server_config
@@ -364,12 +370,16 @@ def _node_worker(
     capture = CapturingAlgorithm(parts.algorithm)
     runtime = LocalRuntime(LocalRuntimeConfig())
     runtime.start(Job(capture, dataset, parts.build_module, store))  # type: ignore[arg-type]
+    split = None
+    if parts.algorithm.splits_the_model:  # the node trains the device part alone
+        split = parts.algorithm.split_serving(parts.build_module, dataset.info)
     worker = NodeWorker(
         client,
         runtime,
         capture,
         client_id,
         data_client,
+        split=split,
         store=store,
         first_step=int(checkpoint["round"]) if checkpoint else 0,
         on_commit=record if state_file is not None else None,

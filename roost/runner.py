@@ -287,12 +287,16 @@ def _execute_run(
         with contextlib.suppress(Exception):
             system.set_model_cost(macs_per_example(parts.build_module(), dataset.info))
     else:  # deployed: wall time, and the nodes that are connected
-        if algorithm.splits_the_model:
+        if (
+            algorithm.splits_the_model
+            and algorithm.split_serving(parts.build_module, parts.dataset.info) is None
+        ):
             raise ConfigError(
                 "algorithm",
                 cfg.name("algorithm"),
                 "trains the model split between device and server; deploying it (the "
-                "device part on the nodes, the server part here) is not built yet",
+                "device part on the nodes, the server part here) is not built yet for "
+                "this method (splitfed, splitfed_v2, vanilla_sl and pipar deploy)",
             )
         start_s = float(checkpoint["virtual_time_s"]) if checkpoint is not None else 0.0
         clock = WallClock(start_s)

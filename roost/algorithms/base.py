@@ -237,6 +237,9 @@ class ClientContext:
     ``Algorithm.uses_client_test_data`` (personalised methods such as Ditto). ``settings``
     are this task's overrides of the algorithm's config fields, chosen by the strategy
     (:meth:`Strategy.configure_tasks`); :meth:`Algorithm.task_config` applies them.
+    ``server``, when set, answers the messages a split-learning task sends the server
+    half of the model during the task (a deployed node: over the network); None: the
+    algorithm answers them in the same process (simulation).
     """
 
     client_id: int
@@ -246,6 +249,7 @@ class ClientContext:
     generator: torch.Generator
     test_data: ClientData | None = None
     settings: Mapping[str, Any] = field(default_factory=dict)
+    server: Callable[[Any], Any] | None = None
 
 
 class UpdateOutput(NamedTuple):
@@ -441,6 +445,12 @@ class Algorithm:
         """Called once by the runner with a freshly built model of the run, before
         :meth:`make_strategy`, for methods whose server half needs the model's structure
         (SplitFed v2 averages only the device part's entries). Default: nothing."""
+
+    def split_serving(self, build_module: Callable[[], nn.Module], info: DatasetInfo) -> Any:
+        """For a method that splits the model (:attr:`splits_the_model`): what deploying
+        it needs, a :class:`~roost.algorithms.split_serving.SplitServing` for models made
+        by ``build_module``; None when its deployment is not built (default)."""
+        return None
 
     def split_plan(
         self,

@@ -43,7 +43,7 @@ mode), ``cut_bytes_up`` and ``cut_bytes_down`` per task, and ``gate_penalty``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -270,6 +270,11 @@ class Deprune(SplitFed):
         self._channels = 0  # C' of the encoder (known after bind_model)
         self._smallest_batch = 1
         self._after_encoder = 0  # the cut of the adapted model: after its encoder
+
+    def split_serving(self, build_module: Callable[[], nn.Module], info: DatasetInfo) -> Any:
+        """None: deploying deprune and prune (the kept channels, their indices and the
+        gate's penalty across the network) is not built yet."""
+        return None
 
     def adapt_model(self, module: nn.Module, info: DatasetInfo) -> nn.Module:
         """The model with its bottleneck after layer ``cut`` (0: half of its layers)."""

@@ -88,14 +88,27 @@ class SGDStepper:
         model.module.train()
 
     def step(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
-        model, cfg = self.model, self.cfg
-        params, grads = model.params, model.grads
-        grads.zero_()
+        """One minibatch: :meth:`begin`, the loss's backward, :meth:`finish`."""
+        self.begin()
         if self.backward is None:
-            loss = F.cross_entropy(model.module(xb), yb)
+            loss = F.cross_entropy(self.model.module(xb), yb)
             loss.backward()
         else:
             loss = self.backward(xb, yb)
+        self.finish(loss)
+
+    def begin(self) -> None:
+        """Zero the gradients before a step's backward passes."""
+        self.model.grads.zero_()
+
+    def finish(self, loss: torch.Tensor) -> None:
+        """Apply the step's rule to the gradients accumulated since :meth:`begin`; ``loss``
+        is the step's (for the mean loss). The rule is elementwise (so is the correction of
+        every method that splits the model: it has none), so stepping two parts of a
+        model separately, a split model's device and server, gives each entry the bits
+        stepping the whole gives it."""
+        model, cfg = self.model, self.cfg
+        params, grads = model.params, model.grads
         if cfg.weight_decay:
             grads.add_(params, alpha=cfg.weight_decay)
         if self.correction is not None:

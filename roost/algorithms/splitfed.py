@@ -31,8 +31,9 @@ traffic, in bytes per task, and ``cut`` and ``micro_batches`` the task's split.
 In virtual time a task is timed per micro-batch on its device's compute, uplink and
 downlink and on the one server all devices share (:meth:`SplitFed.split_plan`,
 :mod:`roost.system.split_schedule`); the run's ``bytes_up`` and ``bytes_down`` are those
-messages and the device part each way. Not built yet: a deployment that runs the two
-parts on different machines (``roost serve`` refuses it).
+messages and the device part each way. Deployed (``roost serve``), the nodes train the
+device part and the server a replica of the server part per task, the messages crossing
+the network (:meth:`SplitFed.split_serving`, :mod:`roost.algorithms.split_serving`).
 
 ``cut=0`` (the default) cuts after the middle top-level layer, ``L // 2``.
 """
@@ -40,7 +41,7 @@ parts on different machines (``roost serve`` refuses it).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -55,19 +56,26 @@ from roost.algorithms.base import (
     Strategy,
     Tensors,
     UpdateOutput,
+    drive,
     register_algorithm,
 )
 from roost.algorithms.fedavg import FedAvgConfig, FedAvgStrategy
 from roost.algorithms.local_sgd import SGDStepper, minibatches
-from roost.data.base import ClientData
+from roost.data.base import ClientData, DatasetInfo
 from roost.models.cost import LayerCost
 from roost.params import FlatModel
 from roost.registry import check
-from roost.split import SplitModule, cut_module, num_cut_points, split_iteration, wire_dtype
-from roost.split.messages import WIRE_DTYPES, label_dtype
+from roost.split import SplitModule, cut_module, num_cut_points, wire_dtype
+from roost.split.messages import WIRE_DTYPES, SplitExchange, SplitReply, label_dtype
 from roost.split.plan import DeviceLink, SplitPlan, plan_for_cut
+from roost.split.step import ServerReplica, device_iteration
 
 __all__ = ["SplitFed", "SplitFedConfig"]
+
+
+def _trains(device: nn.Module) -> bool:
+    """Whether a device part has parameters to train (else no gradient goes back)."""
+    return any(p.requires_grad for p in device.parameters())
 
 
 @dataclass(frozen=True)
@@ -207,27 +215,50 @@ class SplitFed(Algorithm):
         payload: Payload,
         state: Tensors | None,
     ) -> UpdateOutput:
+        """The device's procedure (:meth:`device_procedure`) with its messages answered by
+        ``ctx.server`` (deployed: the server's replica across the network) or, in
+        simulation, by a replica of the server part of this same model: its gradients
+        accumulate into the model's, and one SGD step per iteration steps both parts."""
+        procedure = self.device_procedure(ctx, model, data, payload, state)
+        if ctx.server is not None:
+            return drive(procedure, ctx.server)
+        parts, num_classes = self._split(model, data.x, self.task_config(ctx))
+        replica = ServerReplica(
+            parts.server, num_classes=num_classes, returns_gradient=_trains(parts.device)
+        )
+        return drive(procedure, replica.answer)
+
+    def device_procedure(
+        self,
+        ctx: ClientContext,
+        model: FlatModel,
+        data: ClientData,
+        payload: Payload,
+        state: Tensors | None,
+    ) -> Generator[SplitExchange, SplitReply, UpdateOutput]:
+        """The device's half of a task: per minibatch, the micro-batches' activations go
+        to the server one :class:`~roost.split.messages.SplitExchange` at a time
+        (:func:`~roost.split.step.device_iteration`), their gradients come back, and the
+        model takes an SGD step (:class:`SGDStepper`'s rule; in a deployment only the
+        device part's entries of it matter). Returns the task's update: the whole model
+        (its server part is the replica's, which a deployment joins in) and the traffic."""
         cfg = self.task_config(ctx)
         assert isinstance(cfg, SplitFedConfig)
         parts, num_classes = self._split(model, data.x, cfg)
         wire = wire_dtype(cfg.wire_dtype)
         micro = cfg.micro_batches or 1
         up = down = 0
-
-        def backward(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-            nonlocal up, down
+        momentum = state["momentum"] if state is not None and "momentum" in state else None
+        stepper = SGDStepper(model, cfg, momentum_buffer=momentum)
+        for iteration, (xb, yb) in enumerate(self._minibatches(ctx, data, cfg)):
+            stepper.begin()
             n = min(micro, len(xb))  # an epoch's last, short minibatch
-            it = split_iteration(
-                parts.device, parts.server, xb, yb, n, num_classes=num_classes, wire=wire
+            it = yield from device_iteration(
+                parts.device, xb, yb, n, num_classes=num_classes, wire=wire, iteration=iteration
             )
             up += sum(it.uplink_bytes)
             down += sum(it.downlink_bytes)
-            return torch.tensor(it.loss)
-
-        momentum = state["momentum"] if state is not None and "momentum" in state else None
-        stepper = SGDStepper(model, cfg, backward=backward, momentum_buffer=momentum)
-        for xb, yb in self._minibatches(ctx, data, cfg):
-            stepper.step(xb, yb)
+            stepper.finish(torch.tensor(it.loss))
         res = stepper.result()
         device_bytes = 4 * parts.layout.device.numel
         weight = float(ctx.num_examples) if cfg.weighted else 1.0
@@ -243,6 +274,19 @@ class SplitFed(Algorithm):
                 "micro_batches": float(micro),
             },
         )
+
+    def split_serving(self, build_module: Callable[[], nn.Module], info: DatasetInfo) -> Any:
+        """The device part for nodes and a server replica per task
+        (:class:`~roost.algorithms.split_serving.SplitServing`)."""
+        from roost.algorithms.split_serving import SplitServing
+
+        return SplitServing(self, build_module, info)
+
+    def task_cut(self, module: nn.Module, settings: Mapping[str, Any]) -> int:
+        """The cut a task with ``settings`` trains at (the configured one, or half of the
+        model's top-level layers)."""
+        cfg = self._config_with(settings)
+        return self._cut(cfg, num_cut_points(module) + 1)
 
     def _minibatches(
         self, ctx: ClientContext, data: ClientData, cfg: SplitFedConfig

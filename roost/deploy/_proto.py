@@ -16,14 +16,14 @@ except Exception as e:  # ImportError, or protobuf's VersionError
 
 __all__ = ["FRAME_OVERHEAD", "METHODS", "PROTOCOL_VERSION", "SERVICE", "pb"]
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 """The ``protocol_version`` every message of this code carries and expects."""
 
 SERVICE = "roost.deploy.v1.Deploy"
 
 METHODS = {
     name: f"/{SERVICE}/{name}"
-    for name in ("Register", "PullTask", "PushResult", "Request", "Heartbeat")
+    for name in ("Register", "PullTask", "PushResult", "Request", "Exchange", "Heartbeat")
 }
 """gRPC method paths by name, e.g. ``METHODS["PushResult"]``."""
 

@@ -32,10 +32,18 @@ from roost.deploy._deps import missing_extra
 from roost.deploy._proto import FRAME_OVERHEAD, METHODS, PROTOCOL_VERSION, pb
 from roost.deploy.auth import NodeKey, Signer, body_digest
 from roost.deploy.backoff import Backoff
-from roost.deploy.frames import ResultStream, parse, put_settings, read_answer, read_task
+from roost.deploy.frames import (
+    ExchangeStream,
+    ResultStream,
+    parse,
+    put_settings,
+    read_answer,
+    read_task,
+)
 from roost.deploy.protocol import (
     Ack,
     Answer,
+    Exchange,
     NoWork,
     RequestKind,
     Result,
@@ -217,6 +225,7 @@ class NodeClient:
             "PullTask": self._channel.unary_stream(METHODS["PullTask"]),
             "PushResult": self._channel.stream_unary(METHODS["PushResult"]),
             "Request": self._channel.unary_stream(METHODS["Request"]),
+            "Exchange": self._channel.stream_stream(METHODS["Exchange"]),
             "Heartbeat": self._channel.unary_unary(METHODS["Heartbeat"]),
         }
         self.server: ServerInfo | None = None
@@ -377,6 +386,22 @@ class NodeClient:
             return read_answer(self._stream("Request", req), self._limits)
 
         return self._retrying("Request", attempt)
+
+    def exchange(self, exchange: Exchange) -> Answer:
+        """Send a mid-task message with tensors (split learning's activations); the
+        server's answer. A retry after a lost answer resends the same bytes, which the
+        server answers as the first time."""
+        stream = ExchangeStream(self.node_id, exchange, self.config.chunk_bytes)
+        digest = body_digest(stream)
+
+        def attempt() -> Answer:
+            metadata = self._signer.metadata(METHODS["Exchange"], digest)
+            frames = self._call["Exchange"](
+                iter(stream), metadata=metadata, timeout=self.config.timeout_s
+            )
+            return read_answer(frames, self._limits)
+
+        return self._retrying("Exchange", attempt)
 
     def heartbeat(self, task_id: str | None = None) -> bool:
         """Tell the server the node is alive (working on ``task_id``); False means the

@@ -80,20 +80,32 @@ import torch
 
 from roost.algorithms.base import ClientResult, Payload
 from roost.clock import WallClock
-from roost.deploy.errors import NonFinite, NotRegistered, Resuming, WireError
+from roost.deploy.errors import AlreadyArrived, NonFinite, NotRegistered, Resuming, WireError
 from roost.deploy.journal import Journal, LoggedEvent
 from roost.deploy.protocol import (
     Ack,
     Answer,
+    Exchange,
     MidTaskRequest,
     NodeInfo,
     Registration,
+    RequestKind,
     Result,
     SettingValue,
     TaskKind,
     TaskSpec,
+    WireStats,
 )
-from roost.deploy.tensors import Encoded, WireValue
+from roost.deploy.split import (
+    DEVICE_PARAMS,
+    SplitServingLike,
+    SplitTaskLike,
+    exchange_from_wire,
+    exchange_spec,
+    read_fields,
+    reply_to_wire,
+)
+from roost.deploy.tensors import Encoded, TensorSpec, WireValue
 from roost.engine.core import ARRIVAL, REQUEST, WAKE
 from roost.engine.flight import Flight
 from roost.engine.remote import ClientEvaluation, Delivery
@@ -218,6 +230,21 @@ def _decoded(
     return tensor
 
 
+def _joined(result: Result, task: SplitTaskLike) -> Result:
+    """A split task's result with its device part joined to the replica's server part
+    (``params``), and the bytes the task's activations took up counted in its wire size."""
+    device = result.tensors.get(DEVICE_PARAMS)
+    if not isinstance(device, torch.Tensor) or set(result.tensors) != {DEVICE_PARAMS}:
+        raise ResultRefused(f"a split task's result is one float32 tensor {DEVICE_PARAMS!r}")
+    try:
+        params = task.join(device)
+    except ValueError as e:
+        raise ResultRefused(f"task {result.task_id}: {e}") from None
+    w = result.wire
+    wire = WireStats(w.payload_bytes + task.bytes_up, w.message_bytes, w.chunks)
+    return Result(result.task_id, {"params": params}, result.weight, result.metrics, wire)
+
+
 EVAL_LOSS, EVAL_ACCURACY, EVAL_EXAMPLES = "eval.loss", "eval.accuracy", "eval.examples"
 
 
@@ -273,6 +300,17 @@ class _Pending:
     answer: Payload | None = None
 
 
+@dataclass
+class _SplitFlight:
+    """A split task's replica on this server, and the last micro-batch it answered (a
+    resent message, with the same digest, gets that answer again)."""
+
+    task: SplitTaskLike
+    model_version: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    last: tuple[tuple[int, int], str, Answer] | None = None
+
+
 class EngineCoordinator:
     """See the module docstring. ``task_timeout_s``: seconds after dispatch when a task
     with no result is lost; ``answer_timeout_s``: how long a mid-task request may wait;
@@ -297,6 +335,7 @@ class EngineCoordinator:
         decode_upload: UploadDecoder | None = None,
         keep_tasks_per_client: int = 16,
         reserve_timeout_s: float = 600.0,
+        split: SplitServingLike | None = None,
     ) -> None:
         if silent_after_s <= 0:
             raise ValueError(f"silent_after_s must be > 0, got {silent_after_s}")
@@ -309,6 +348,8 @@ class EngineCoordinator:
         self.min_nodes = min_nodes
         self.max_waiting_results = max(1, max_waiting_results)
         self.decode_upload = decode_upload
+        self.split = split
+        self._split: dict[int, _SplitFlight] = {}  # task key -> its replica (split methods)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # notified when a node may have work
         self._waiting: dict[str, int] = {}  # node -> its PullTasks waiting for work
@@ -438,28 +479,46 @@ class EngineCoordinator:
             with self._lock:
                 if key in self._cancelled:
                     continue
+                lost = False
                 if delivery is not None:
                     self._deliveries[key] = delivery
                     self._payloads.pop(key, None)
+                elif key in self._split:  # its replica's training died with the server
+                    lost = True
                 else:
                     self._orphans.setdefault(spec.client_id, []).append(spec)
-            if delivery is not None:
+                self._split.pop(key, None)
+            if delivery is not None or lost:
                 self.clock.schedule(self.clock.now, ("task", key), ARRIVAL)
         self.clock.schedule(self.clock.now, ("wake", -1), WAKE)
 
     def send(self, flight: Flight, payload: Payload) -> None:
         task_id = f"{self._prefix}-{flight.key}"
         settings: dict[str, SettingValue] = dict(flight.task.settings)
+        wire = payload_to_wire(payload)
+        result_spec: dict[str, TensorSpec] | None = None
+        split: _SplitFlight | None = None
+        if self.split is not None:  # the node gets the device part; the rest stays here
+            device = self.split.device_params(payload.params, settings)
+            del wire["params"]
+            wire[DEVICE_PARAMS] = device
+            result_spec = {DEVICE_PARAMS: TensorSpec("float32", (device.numel(),))}
+            split = _SplitFlight(
+                self.split.open(flight.client_id, payload, settings), flight.task.version
+            )
         spec = TaskSpec(
             task_id,
             flight.client_id,
             flight.task.version,
             flight.task.seed,
             flight.task.round,
-            payload_to_wire(payload),
+            wire,
             settings,
+            result_spec,
         )
         with self._lock:
+            if split is not None:
+                self._split[flight.key] = split
             self._key_of[task_id] = flight.key
             self._payloads[flight.key] = payload
             self._remember(flight.client_id, task_id)
@@ -562,6 +621,7 @@ class EngineCoordinator:
             self._cancelled.add(key)
             self._specs.pop(key, None)
             self._payloads.pop(key, None)
+            self._split.pop(key, None)
             if self._deliveries.pop(key, None) is not None:
                 self._work.notify_all()
             for keys in self._tasks_of.values():
@@ -578,6 +638,7 @@ class EngineCoordinator:
 
     def take(self, key: int) -> Delivery | None:
         with self._lock:
+            self._split.pop(key, None)  # delivered or lost: its replica is done
             current = self._current
             if self._replaying and current is not None and current.key == key:
                 self._specs.pop(key, None)  # delivered or lost in the replay: settled
@@ -788,6 +849,10 @@ class EngineCoordinator:
             return Ack(False, f"task {result.task_id} no longer counts (its round closed)")
         if key is None or payload is None:
             return Ack(False, f"task {result.task_id} is not one of this run's")
+        with self._lock:
+            split = self._split.get(key)
+        if split is not None:
+            result = _joined(result, split.task)
         client_result, metrics, compute_s = result_from_wire(result, payload, self.decode_upload)
         delivery = Delivery(client_result, metrics, compute_s, result.wire.payload_bytes or None)
         with self._work:  # results wait here, not in memory, until the engine has room
@@ -820,6 +885,47 @@ class EngineCoordinator:
             self._pending.pop(key, None)
         answer = pending.answer
         return Answer(answer.version, payload_to_wire(answer))
+
+    def _split_flight(self, node_id: str, task_id: str) -> _SplitFlight:
+        with self._lock:
+            self._seen(node_id)
+            key = self._key_of.get(task_id)
+            split = self._split.get(key) if key is not None and key not in self._cancelled else None
+        if split is None:
+            raise ResultRefused(
+                f"task {task_id} has no split-learning replica on this server (it does not "
+                "split the model, or it no longer counts)"
+            )
+        return split
+
+    def exchange_spec(
+        self, node_id: str, task_id: str, kind: RequestKind, fields: Mapping[str, SettingValue]
+    ) -> Mapping[str, TensorSpec]:
+        split = self._split_flight(node_id, task_id)
+        examples = read_fields(fields)["examples"]
+        if examples < 1:
+            raise ResultRefused("a split exchange carries at least 1 example")
+        return exchange_spec(*split.task.spec(examples), examples)
+
+    def exchange(self, node_id: str, exchange: Exchange) -> Answer:
+        split = self._split_flight(node_id, exchange.task_id)
+        message = exchange_from_wire(exchange.fields, exchange.tensors)
+        position = (message.iteration, message.micro_batch)
+        with split.lock:  # a node's micro-batches come one at a time; a resend may overlap
+            if split.last is not None and split.last[0] == position:
+                if split.last[1] == exchange.digest:
+                    return split.last[2]
+                raise AlreadyArrived(
+                    f"task {exchange.task_id}: iteration {position[0]}'s micro-batch "
+                    f"{position[1]} was answered already, with different content"
+                )
+            try:
+                reply = split.task.answer(message)
+            except ValueError as e:
+                raise ResultRefused(f"task {exchange.task_id}: {e}") from None
+            answer = Answer(split.model_version, reply_to_wire(reply))
+            split.last = (position, exchange.digest, answer)
+        return answer
 
     def heartbeat(self, node_id: str, task_id: str | None) -> bool:
         with self._lock:

@@ -29,6 +29,7 @@ from roost.deploy._proto import PROTOCOL_VERSION, pb
 from roost.deploy.errors import MalformedMessage, NonFinite, TooLarge, VersionMismatch
 from roost.deploy.protocol import (
     Answer,
+    Exchange,
     NoWork,
     RequestKind,
     Result,
@@ -42,6 +43,7 @@ from roost.deploy.tensors import DEFAULT_CHUNK_BYTES, Decoder, Limits, encode
 
 __all__ = [
     "MAX_ENTRIES",
+    "ExchangeStream",
     "ResultStream",
     "answer_frames",
     "enum_member",
@@ -272,3 +274,27 @@ class ResultStream:
     def __iter__(self) -> Iterator[bytes]:
         _, chunks = encode(self.result.tensors, self.chunk_bytes)
         return _frames(pb.ResultFrame, self.header, chunks)
+
+
+class ExchangeStream:
+    """Exchange's frames for one :class:`~roost.deploy.protocol.Exchange`, re-iterable
+    like :class:`ResultStream` (hashed for the signature, then sent)."""
+
+    def __init__(
+        self, node_id: str, exchange: Exchange, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    ) -> None:
+        self.exchange = exchange
+        self.chunk_bytes = chunk_bytes
+        manifest, _ = encode(exchange.tensors, chunk_bytes)
+        self.header = pb.ExchangeHeader(
+            node_id=node_id,
+            task_id=exchange.task_id,
+            kind=f"REQUEST_KIND_{exchange.kind.name}",
+            payload=manifest,
+        )
+        put_settings(self.header.fields, exchange.fields)
+        self.payload_bytes = manifest.total_bytes
+
+    def __iter__(self) -> Iterator[bytes]:
+        _, chunks = encode(self.exchange.tensors, self.chunk_bytes)
+        return _frames(pb.ExchangeFrame, self.header, chunks)

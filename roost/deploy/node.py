@@ -19,10 +19,20 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import torch
+
+from roost.algorithms.base import ClientResult
 from roost.deploy.client import RemoteRefusal
 from roost.deploy.coordinator import evaluation_to_wire, payload_from_wire, result_to_wire
-from roost.deploy.protocol import RequestKind, TaskKind
+from roost.deploy.errors import WireError
+from roost.deploy.protocol import Exchange, RequestKind, TaskKind
 from roost.deploy.protocol import Result as WireResult
+from roost.deploy.split import (
+    DEVICE_PARAMS,
+    SplitServingLike,
+    exchange_to_wire,
+    reply_from_wire,
+)
 from roost.runtime.base import Task
 from roost.runtime.capture import CapturingAlgorithm
 from roost.runtime.local import LocalRuntime
@@ -31,6 +41,8 @@ if TYPE_CHECKING:
     from roost.data.base import ClientData
     from roost.deploy.client import NodeClient
     from roost.deploy.protocol import Task as WireTask
+    from roost.deploy.tensors import WireValue
+    from roost.split.messages import SplitExchange, SplitReply
     from roost.state.base import ClientStateStore
 
 __all__ = ["NodeWorker"]
@@ -55,6 +67,11 @@ class NodeWorker:
     (the algorithm's ``personal_params`` of its state in ``store``; the payload's model
     when it has no state yet) on ``test_data``, its own test split, and sends the loss,
     accuracy and number of examples (0 without a test split); it changes no state.
+
+    ``split`` (a split-learning method's :class:`~roost.deploy.split.SplitServingLike`):
+    a task's payload is the device part of the model; the node trains it with the
+    method's own procedure, sending each micro-batch's activations to the server's
+    replica and back-propagating the gradient it answers, and returns the device part.
     """
 
     def __init__(
@@ -69,6 +86,7 @@ class NodeWorker:
         first_step: int = 0,
         on_commit: Callable[[], None] | None = None,
         test_data: ClientData | None = None,
+        split: SplitServingLike | None = None,
     ) -> None:
         self.client = client
         self.runtime = runtime
@@ -79,7 +97,11 @@ class NodeWorker:
         self.step = first_step
         self.on_commit = on_commit
         self.test_data = test_data
+        self.split = split
         self.evaluated = 0
+        self.received_bytes = 0
+        """Bytes of the training tasks' payloads received (a split method's: the device
+        part alone)."""
         self.done = 0
         self.dropped = 0
         self._keys = 0
@@ -103,6 +125,7 @@ class NodeWorker:
         if self._kept is not None and self._kept[0] == identity:
             return self._push(task.task_id, self._kept[1])
         self._keys += 1
+        self.received_bytes += task.wire.payload_bytes
         local = Task(
             self.data_client,
             task.round,
@@ -111,19 +134,22 @@ class NodeWorker:
             key=self._keys,
             settings=tuple(sorted(task.settings.items())),
         )
-        payload = payload_from_wire(task.payload, task.model_version)
+        tensors, server = task.payload, None
+        if self.split is not None:
+            tensors, server = self._split_task(task)
+        payload = payload_from_wire(tensors, task.model_version)
         start = time.perf_counter()
         if self.store is not None:
             self.step += 1
             self.store.begin_round(self.step)
         try:
             with self.client.keep_alive(task.task_id) as drop:
-                out = self.runtime.execute([local], {payload.version: payload}, 1)
+                out = self.runtime.execute([local], {payload.version: payload}, 1, server=server)
                 while out.requests:
                     answer = self.client.request(task.task_id, RequestKind.FETCH_MODEL)
                     answered = payload_from_wire(answer.tensors, answer.model_version)
                     out = self.runtime.execute([local], {}, 1, answers={local.key: answered})
-        except RemoteRefusal as e:  # a mid-task request refused: the task is gone
+        except (RemoteRefusal, WireError) as e:  # a mid-task request refused or malformed
             log.warning("task %s dropped: %s", task.task_id, e)
             self.runtime.discard([local.key])
             self.dropped += 1
@@ -137,6 +163,9 @@ class NodeWorker:
         result = self.capture.last
         if result is None:
             raise RuntimeError("the algorithm's update returned no plain result")
+        if self.split is not None:  # the device part goes back; the server has the rest
+            device = self.split.device_params(result.tensors["params"], task.settings)
+            result = ClientResult({DEVICE_PARAMS: device}, result.weight, result.scalars)
         self.done += 1
         if drop.is_set():  # the server no longer wants it (its round closed)
             self.dropped += 1
@@ -145,6 +174,31 @@ class NodeWorker:
         wire = result_to_wire(task.task_id, result, metrics, compute_s)
         self._kept = (identity, wire)
         return self._push(task.task_id, wire)
+
+    def _split_task(
+        self, task: WireTask
+    ) -> tuple[dict[str, WireValue], Callable[[SplitExchange], SplitReply]]:
+        """A split task's payload as the node's whole model (the server part's entries
+        zero) and the link that answers its procedure's messages over the network."""
+        assert self.split is not None
+        device = task.payload.get(DEVICE_PARAMS)
+        if not isinstance(device, torch.Tensor):
+            raise ValueError(
+                f"task {task.task_id} of a split method carries no {DEVICE_PARAMS!r} tensor"
+            )
+        whole = self.split.whole_params(device, task.settings)
+        tensors: dict[str, WireValue] = {"params": whole}
+        tensors.update({k: v for k, v in task.payload.items() if k != DEVICE_PARAMS})
+        trains = self.split.device_trains(task.settings)
+        client = self.client
+
+        def server(message: SplitExchange) -> SplitReply:
+            fields, values = exchange_to_wire(message)
+            kind = RequestKind.SPLIT_ACTIVATIONS
+            answer = client.exchange(Exchange(task.task_id, kind, fields, values))
+            return reply_from_wire(answer.tensors, message, trains)
+
+        return tensors, server
 
     def _evaluate(self, task: WireTask) -> bool:
         """Measure the personal model on the test split and push the three metrics."""

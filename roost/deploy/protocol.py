@@ -21,6 +21,7 @@ __all__ = [
     "Ack",
     "Answer",
     "Coordinator",
+    "Exchange",
     "MidTaskRequest",
     "NoWork",
     "NodeInfo",
@@ -43,6 +44,9 @@ class RequestKind(enum.Enum):
 
     FETCH_MODEL = 1
     """The current global model (FedASMU's mid-task fetch of a fresher model)."""
+    SPLIT_ACTIVATIONS = 2
+    """Split learning: a micro-batch's activations at the cut (an :class:`Exchange`);
+    the answer is their gradient and the micro-batch's loss."""
 
 
 class TaskKind(enum.Enum):
@@ -162,6 +166,21 @@ class MidTaskRequest:
 
 
 @dataclass(frozen=True)
+class Exchange:
+    """A node's mid-task message with tensors for ``task_id`` (split learning's
+    activations): ``fields`` say where they belong in the task; ``digest`` is the SHA-256
+    the node signed over the whole stream (a resent message has the same), ``wire`` what
+    the tensors cost."""
+
+    task_id: str
+    kind: RequestKind
+    fields: Mapping[str, SettingValue]
+    tensors: Mapping[str, WireValue]
+    digest: str = ""
+    wire: WireStats = WireStats()
+
+
+@dataclass(frozen=True)
 class Answer:
     """The server's answer to a mid-task request: the tensors and the model version they are."""
 
@@ -182,8 +201,9 @@ class Coordinator(Protocol):
     against the allow-list) and registered since the server started; ``accept_result`` is
     called at most once per task id, only for a task that :meth:`next_task` gave to that
     node, with tensors that passed the task's ``result_spec`` and the finiteness check;
-    ``answer_request`` and ``heartbeat`` only name tasks given to that node whose result
-    has not arrived (``heartbeat``'s ``task_id`` may be None: an idle node).
+    ``answer_request``, ``exchange_spec``, ``exchange`` and ``heartbeat`` only name tasks
+    given to that node whose result has not arrived (``heartbeat``'s ``task_id`` may be
+    None: an idle node).
     """
 
     def register(self, node: NodeInfo) -> Registration | None:
@@ -209,6 +229,18 @@ class Coordinator(Protocol):
 
     def answer_request(self, node_id: str, request: MidTaskRequest) -> Answer:
         """Answer a mid-task request of ``node_id``'s task ``request.task_id``."""
+        ...
+
+    def exchange_spec(
+        self, node_id: str, task_id: str, kind: RequestKind, fields: Mapping[str, SettingValue]
+    ) -> Mapping[str, TensorSpec]:
+        """What the tensors of an :class:`Exchange` with these ``fields`` must be, exactly;
+        the server checks the manifest against it before it reads any data."""
+        ...
+
+    def exchange(self, node_id: str, exchange: Exchange) -> Answer:
+        """Answer ``node_id``'s :class:`Exchange` (whose tensors passed the spec and the
+        finiteness check)."""
         ...
 
     def heartbeat(self, node_id: str, task_id: str | None) -> bool:

@@ -1,7 +1,7 @@
 """The gRPC server: security and validation in front of a
 :class:`~roost.deploy.protocol.Coordinator`.
 
-:class:`DeployServicer` registers the five methods of ``roost.deploy.v1.Deploy`` without
+:class:`DeployServicer` registers the six methods of ``roost.deploy.v1.Deploy`` without
 serializers, so each handler sees the exact request bytes. For every request it, in order:
 verifies the signature metadata (:class:`~roost.deploy.auth.Verifier`); for a unary
 request checks the body's SHA-256 against the signed one; parses the message and its
@@ -50,7 +50,9 @@ from roost.deploy.frames import (
 )
 from roost.deploy.protocol import (
     Ack,
+    Answer,
     Coordinator,
+    Exchange,
     MidTaskRequest,
     NodeInfo,
     Registration,
@@ -160,7 +162,7 @@ class DeployServicer:
         )
 
     def handler(self) -> Any:
-        """The ``grpc.GenericRpcHandler`` serving the five methods on raw bytes."""
+        """The ``grpc.GenericRpcHandler`` serving the six methods on raw bytes."""
         handlers = {
             "Register": grpc.unary_unary_rpc_method_handler(self._unary("Register", self.register)),
             "PullTask": grpc.unary_stream_rpc_method_handler(
@@ -171,6 +173,9 @@ class DeployServicer:
             ),
             "Request": grpc.unary_stream_rpc_method_handler(
                 self._streaming("Request", self.request)
+            ),
+            "Exchange": grpc.stream_stream_rpc_method_handler(
+                self._streaming("Exchange", self.exchange)
             ),
             "Heartbeat": grpc.unary_unary_rpc_method_handler(
                 self._unary("Heartbeat", self.heartbeat)
@@ -206,9 +211,9 @@ class DeployServicer:
         return handle
 
     def _streaming(
-        self, name: str, fn: Callable[[bytes, Any], Iterator[bytes]]
-    ) -> Callable[[bytes, Any], Iterator[bytes]]:
-        def handle(request: bytes, context: Any) -> Iterator[bytes]:
+        self, name: str, fn: Callable[[Any, Any], Iterator[bytes]]
+    ) -> Callable[[Any, Any], Iterator[bytes]]:
+        def handle(request: Any, context: Any) -> Iterator[bytes]:
             try:
                 yield from fn(request, context)
             except Exception as e:
@@ -235,7 +240,7 @@ class DeployServicer:
         if known is None or known.public_key != caller.public_key:
             raise NotRegistered(f"node {node_id!r} has not registered with this server; register")
 
-    # --- the five methods ---------------------------------------------------------------
+    # --- the six methods ----------------------------------------------------------------
 
     def register(self, raw: bytes, context: Any) -> bytes:
         caller = self._caller("Register", context, raw)
@@ -348,6 +353,51 @@ class DeployServicer:
         self.tasks.check_active(caller.node_id, req.task_id)
         answer = self.coordinator.answer_request(caller.node_id, MidTaskRequest(req.task_id, kind))
         yield from answer_frames(req.task_id, kind, answer, self.config.chunk_bytes)
+
+    def exchange(self, request_iterator: Iterator[bytes], context: Any) -> Iterator[bytes]:
+        with self._receiving:  # a bounded number of messages in memory at once
+            answer, task_id, kind = self._exchange(request_iterator, context)
+        yield from answer_frames(task_id, kind, answer, self.config.chunk_bytes)
+
+    def _exchange(
+        self, request_iterator: Iterator[bytes], context: Any
+    ) -> tuple[Answer, str, RequestKind]:
+        caller = self._caller("Exchange", context, None)
+        digest = BodyDigest()
+        frames = iter(request_iterator)
+        first = next(frames, None)
+        if first is None:
+            raise MalformedMessage("Exchange stream with no frame")
+        digest.update(first)
+        frame = parse(pb.ExchangeFrame, first)
+        if frame.WhichOneof("frame") != "header":
+            raise MalformedMessage("Exchange's first frame is not a header")
+        h = frame.header
+        self._check_node(caller, h.node_id)
+        kind = enum_member(RequestKind, h.kind, "request kind")
+        if kind is not RequestKind.SPLIT_ACTIVATIONS:
+            raise MalformedMessage(
+                f"an Exchange is of kind {RequestKind.SPLIT_ACTIVATIONS.value} "
+                f"(SPLIT_ACTIVATIONS), not {kind.value} ({kind.name})"
+            )
+        node_id, task_id = caller.node_id, h.task_id
+        self.tasks.check_active(node_id, task_id)
+        fields = read_settings(h.fields, "fields")
+        spec = self.coordinator.exchange_spec(node_id, task_id, kind, fields)
+        decoder = Decoder(h.payload, self.result_limits, spec)
+        message_bytes, chunks = len(first), 0
+        for raw in frames:
+            digest.update(raw)
+            message_bytes += len(raw)
+            frame = parse(pb.ExchangeFrame, raw)
+            if frame.WhichOneof("frame") != "chunk":
+                raise MalformedMessage("Exchange frame after the header is not a chunk")
+            decoder.add(frame.chunk)
+            chunks += 1
+        self.verifier.check_body(caller, digest.hexdigest())
+        wire = WireStats(decoder.received_bytes, message_bytes, chunks)
+        exchange = Exchange(task_id, kind, fields, decoder.finish(), caller.body_sha256, wire)
+        return self.coordinator.exchange(node_id, exchange), task_id, kind
 
     def heartbeat(self, raw: bytes, context: Any) -> bytes:
         caller = self._caller("Heartbeat", context, raw)

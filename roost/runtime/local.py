@@ -19,7 +19,7 @@ them and resumes the generator where it stopped.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,7 +98,11 @@ class LocalRuntime(Runtime):
         num_groups: int = 1,
         defer_state: bool = False,
         answers: Mapping[int, Payload] | None = None,
+        server: Callable[[Any], Any] | None = None,
     ) -> Outcome:
+        """Run ``tasks`` (see :class:`~roost.runtime.base.Runtime`). ``server``, when
+        given, is every task's ``ClientContext.server``: it answers a split-learning
+        procedure's messages (a deployed node sends them over the network)."""
         job = self._job
         if job is None:
             raise RuntimeError("runtime not started")
@@ -139,6 +143,7 @@ class LocalRuntime(Runtime):
                     self._generator,
                     test,
                     dict(task.settings),
+                    server,
                 )
                 state = store.get(cid) if stateful else None
                 if state is not None:

@@ -17,7 +17,15 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["WIRE_DTYPES", "Activations", "Gradient", "label_dtype", "wire_dtype"]
+__all__ = [
+    "WIRE_DTYPES",
+    "Activations",
+    "Gradient",
+    "SplitExchange",
+    "SplitReply",
+    "label_dtype",
+    "wire_dtype",
+]
 
 WIRE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -95,3 +103,39 @@ class Gradient:
     def received(self) -> torch.Tensor:
         """The float32 gradient the device back-propagates."""
         return self.values.to(torch.float32)
+
+
+@dataclass(frozen=True)
+class SplitExchange:
+    """What a device's procedure sends the server for one micro-batch: its activations
+    and labels, and where they are in the task (micro-batch ``micro_batch`` of
+    ``micro_batches`` of iteration ``iteration``, counted from 0), so that the server's
+    replica knows when an iteration starts and ends."""
+
+    activations: Activations
+    iteration: int
+    micro_batch: int
+    micro_batches: int
+
+    @property
+    def examples(self) -> int:
+        return int(self.activations.labels.numel())
+
+    @property
+    def nbytes(self) -> int:
+        return self.activations.nbytes
+
+
+@dataclass(frozen=True)
+class SplitReply:
+    """The server's answer to a :class:`SplitExchange`: the micro-batch's loss ``L_j``
+    (a float32 scalar) and the gradient at the cut (None when the device part has
+    nothing to train)."""
+
+    loss: torch.Tensor
+    gradient: Gradient | None
+
+    @property
+    def nbytes(self) -> int:
+        """What travels back: the gradient (the loss is bookkeeping, not counted)."""
+        return self.gradient.nbytes if self.gradient is not None else 0

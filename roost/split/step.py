@@ -20,21 +20,40 @@ model on the batch; with ``N > 1`` the same up to the order of the float32 sums 
 BatchNorm's statistics, which are per micro-batch). The caller steps the optimisers (and
 zeroes the gradients first): SplitFed v1 and PiPar step both parts once per iteration.
 
+The two halves are separate: :func:`device_iteration` is the device's, a generator that
+yields a :class:`~roost.split.messages.SplitExchange` per micro-batch and receives the
+server's :class:`~roost.split.messages.SplitReply`; :class:`ServerReplica` is the
+server's, answering them. :func:`split_iteration` runs both in one process (simulation);
+a deployment puts the network between them. The device forwards micro-batch ``j + 1``
+after the server answered ``j``: each part computes the same operations in the same
+order as when all forwards come first, so the bits are the same (a model whose parts
+draw random numbers, dropout, draws them in another order).
+
 The micro-batches are computed one after another here; *when* each would run on the
 device, the links and the server is the engine's and the system model's business.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from roost.split.messages import Activations, Gradient
+from roost.split.messages import Activations, Gradient, SplitExchange, SplitReply, label_dtype
 
-__all__ = ["IterationResult", "micro_batch_size", "split_iteration"]
+__all__ = [
+    "IterationResult",
+    "ServerReplica",
+    "Stepper",
+    "device_iteration",
+    "drive_iteration",
+    "micro_batch_size",
+    "split_iteration",
+]
 
 
 @dataclass(frozen=True)
@@ -58,6 +77,174 @@ def micro_batch_size(batch: int, micro_batches: int) -> int:
     return batch // micro_batches
 
 
+def device_iteration(
+    device: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    micro_batches: int = 1,
+    *,
+    num_classes: int,
+    wire: torch.dtype = torch.float32,
+    iteration: int = 0,
+) -> Generator[SplitExchange, SplitReply, IterationResult]:
+    """The device's steps 1 and 3 of the module docstring: yields each micro-batch's
+    activations, receives the server's reply, then back-propagates the gradients in
+    order (into the device part's ``.grad``)."""
+    n = micro_batches
+    m = micro_batch_size(len(x), n)
+    outputs: list[torch.Tensor] = []
+    replies: list[SplitReply] = []
+    up: list[int] = []
+    for j in range(n):
+        a = device(x[j * m : (j + 1) * m])
+        message = SplitExchange(
+            Activations.of(a, y[j * m : (j + 1) * m], wire, num_classes), iteration, j, n
+        )
+        reply = yield message
+        outputs.append(a)
+        replies.append(reply)
+        up.append(message.nbytes)
+    for a, reply in zip(outputs, replies, strict=True):
+        if reply.gradient is not None:
+            a.backward(reply.gradient.received())
+    return IterationResult(
+        float(torch.stack([r.loss for r in replies]).sum()),
+        n * m,
+        tuple(up),
+        tuple(r.gradient.nbytes for r in replies if r.gradient is not None),
+    )
+
+
+class Stepper(Protocol):
+    """An optimiser stepped once per iteration: ``begin`` zeroes the gradients, ``finish``
+    applies the step (:class:`~roost.algorithms.local_sgd.SGDStepper`)."""
+
+    def begin(self) -> None: ...
+
+    def finish(self, loss: torch.Tensor) -> None: ...
+
+
+class ServerReplica:
+    """The server's step 2 for one device's task: answers each
+    :class:`~roost.split.messages.SplitExchange` with ``L_j``'s gradient at the cut.
+
+    ``returns_gradient``: False when the device part has nothing to train (no gradient
+    goes back). ``stepper``: when given, the replica steps its own optimiser, beginning
+    at an iteration's first micro-batch and finishing after its last (a deployed server
+    part); without one the gradients accumulate for the caller to step (in simulation,
+    one optimiser steps the whole model). ``batch_size`` and ``activation_shape`` (one
+    example's activations at the cut), when given, bound what is accepted.
+
+    A message is checked before anything is computed (ValueError naming what was wrong):
+    the micro-batches of a task come in order (iteration ``i``'s ``0 .. N-1``, then
+    ``i + 1``'s), ``N`` stays the same within an iteration and ``N m`` is at most the
+    batch, the labels are ``m`` class ids below ``num_classes`` in
+    :func:`~roost.split.messages.label_dtype`, and the activations are ``m`` examples of
+    ``activation_shape`` in a floating dtype."""
+
+    def __init__(
+        self,
+        server: nn.Module,
+        *,
+        num_classes: int,
+        returns_gradient: bool = True,
+        stepper: Stepper | None = None,
+        batch_size: int | None = None,
+        activation_shape: tuple[int, ...] | None = None,
+    ) -> None:
+        self.server = server
+        self.num_classes = num_classes
+        self.returns_gradient = returns_gradient
+        self.stepper = stepper
+        self.batch_size = batch_size
+        self.activation_shape = activation_shape
+        self.iteration = 0  # the iteration of the next micro-batch
+        self.micro_batch = 0  # and its index in it
+        self.micro_batches = 0  # N of the iteration in progress (0: none is)
+        self.answered = 0
+        self._losses: list[torch.Tensor] = []
+
+    def expects(self, iteration: int, micro_batch: int) -> bool:
+        """Whether ``(iteration, micro_batch)`` is the next micro-batch in order."""
+        if self.micro_batches == 0:  # between iterations: the next one's first
+            return micro_batch == 0 and iteration in (self.iteration, self.iteration + 1)
+        return (iteration, micro_batch) == (self.iteration, self.micro_batch)
+
+    def check(self, message: SplitExchange) -> None:
+        """ValueError unless ``message`` is acceptable now (class docstring)."""
+        i, j, n = message.iteration, message.micro_batch, message.micro_batches
+        if not self.expects(i, j):
+            want = (
+                f"iteration {self.iteration}'s micro-batch {self.micro_batch}"
+                if self.micro_batches
+                else f"micro-batch 0 of iteration {self.iteration} or {self.iteration + 1}"
+            )
+            raise ValueError(f"got iteration {i}'s micro-batch {j}; expected {want}")
+        if self.micro_batches and n != self.micro_batches:
+            raise ValueError(f"iteration {i} has {self.micro_batches} micro-batches, not {n}")
+        m = message.examples
+        values, labels = message.activations.values, message.activations.labels
+        if not (0 <= j < n) or m < 1 or (self.batch_size is not None and n * m > self.batch_size):
+            top = f" with N m <= the batch size {self.batch_size}" if self.batch_size else ""
+            raise ValueError(
+                f"micro-batch {j} of {n} with {m} examples; allowed: 0 <= j < N, m >= 1{top}"
+            )
+        if labels.shape != (m,) or labels.dtype != label_dtype(self.num_classes):
+            raise ValueError(
+                f"labels of shape {tuple(labels.shape)} in {labels.dtype}; expected ({m},) in "
+                f"{label_dtype(self.num_classes)}"
+            )
+        ids = labels.to(torch.int64)
+        if int(ids.max()) >= self.num_classes or int(ids.min()) < 0:
+            raise ValueError(f"a label is not in 0 .. {self.num_classes - 1} (the classes)")
+        want_shape = (m, *self.activation_shape) if self.activation_shape is not None else None
+        if not values.is_floating_point() or (
+            want_shape is not None and tuple(values.shape) != want_shape
+        ):
+            raise ValueError(
+                f"activations of shape {tuple(values.shape)} in {values.dtype}; expected "
+                f"{want_shape or 'a floating tensor'} in a floating dtype"
+            )
+
+    def answer(self, message: SplitExchange) -> SplitReply:
+        """Check ``message``, forward and back-propagate its micro-batch, and answer."""
+        self.check(message)
+        i, j, n = message.iteration, message.micro_batch, message.micro_batches
+        if j == 0 and self.stepper is not None:
+            self.stepper.begin()
+            self._losses = []
+        leaf, labels = message.activations.received()
+        loss = F.cross_entropy(self.server(leaf), labels) / n
+        loss.backward()
+        assert leaf.grad is not None
+        dtype = message.activations.values.dtype
+        gradient = Gradient.of(leaf.grad, dtype) if self.returns_gradient else None
+        self._losses.append(loss.detach())
+        self.answered += 1
+        if j + 1 < n:
+            self.iteration, self.micro_batch, self.micro_batches = i, j + 1, n
+        else:  # the iteration is over
+            self.iteration, self.micro_batch, self.micro_batches = i, 0, 0
+            if self.stepper is not None:
+                self.stepper.finish(torch.stack(self._losses).sum())
+            self._losses = []
+        return SplitReply(loss.detach(), gradient)
+
+
+def drive_iteration(
+    iteration: Generator[SplitExchange, SplitReply, IterationResult],
+    answer: Callable[[SplitExchange], SplitReply],
+) -> IterationResult:
+    """Run a device iteration to its end, each message answered by ``answer``."""
+    try:
+        message = next(iteration)
+        while True:
+            message = iteration.send(answer(message))
+    except StopIteration as stop:
+        result: IterationResult = stop.value
+        return result
+
+
 def split_iteration(
     device: nn.Module,
     server: nn.Module,
@@ -68,31 +255,9 @@ def split_iteration(
     num_classes: int,
     wire: torch.dtype = torch.float32,
 ) -> IterationResult:
-    """Steps 1-3 of the module docstring; accumulates into both parts' ``.grad``."""
-    n = micro_batches
-    m = micro_batch_size(len(x), n)
-    outputs: list[torch.Tensor] = []
-    sent: list[Activations] = []
-    for j in range(n):
-        a = device(x[j * m : (j + 1) * m])
-        outputs.append(a)
-        sent.append(Activations.of(a, y[j * m : (j + 1) * m], wire, num_classes))
-    returned: list[Gradient] = []
-    losses: list[torch.Tensor] = []
-    trains = outputs[0].requires_grad  # False: the device part has nothing to train
-    for message in sent:
-        leaf, labels = message.received()
-        loss = F.cross_entropy(server(leaf), labels) / n
-        loss.backward()
-        assert leaf.grad is not None
-        losses.append(loss.detach())
-        if trains:
-            returned.append(Gradient.of(leaf.grad, wire))
-    for a, g in zip(outputs, returned, strict=False):
-        a.backward(g.received())
-    return IterationResult(
-        float(torch.stack(losses).sum()),
-        n * m,
-        tuple(s.nbytes for s in sent),
-        tuple(g.nbytes for g in returned),
-    )
+    """Steps 1-3 of the module docstring in one process; accumulates into both parts'
+    ``.grad``."""
+    trains = any(p.requires_grad for p in device.parameters())
+    replica = ServerReplica(server, num_classes=num_classes, returns_gradient=trains)
+    steps = device_iteration(device, x, y, micro_batches, num_classes=num_classes, wire=wire)
+    return drive_iteration(steps, replica.answer)

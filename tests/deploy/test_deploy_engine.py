@@ -11,130 +11,23 @@ usually bit-identical).
 
 from __future__ import annotations
 
-import functools
-import threading
-import time
-
 import pytest
 
 pytest.importorskip("grpc")
 pytest.importorskip("cryptography")
 
-import torch
-from _deploy_helpers import FAST
+from _loopback import CLIENTS, deployed, engine
 
-from roost.algorithms import ALGORITHMS
-from roost.clock import WallClock
 from roost.config import RunConfig
-from roost.data import build_dataset
-from roost.deploy.auth import AllowList, NodeKey, Verifier
-from roost.deploy.client import ClientConfig, NodeClient
-from roost.deploy.coordinator import EngineCoordinator
-from roost.deploy.node import NodeWorker
-from roost.deploy.server import DeployServer
-from roost.engine import Engine
-from roost.engine.remote import ConnectedNodes
-from roost.models import MODELS, build_model
-from roost.params import ParamLayout
-from roost.runtime.base import Job
-from roost.runtime.capture import CapturingAlgorithm
-from roost.runtime.local import LocalRuntime, LocalRuntimeConfig
-from roost.state import InMemoryStateStore
-from roost.system import HomogeneousConfig
-from roost.system.model import HomogeneousSystem
-
-CLIENTS = 4
-
-
-def _parts(algorithm: str, params: dict[str, object], seed: int):  # type: ignore[no-untyped-def]
-    data = build_dataset("digits", {}, "iid", {}, CLIENTS, seed)
-    cfg = ALGORITHMS.config(algorithm, {"batch_size": 10, "lr": 0.1, **params})
-    alg = ALGORITHMS.get(algorithm).factory(cfg)
-    model = MODELS.config("mlp", {"hidden": (16,)})
-    build = functools.partial(build_model, "mlp", model, data.info)
-    torch.manual_seed(seed)
-    module = build()
-    init = ParamLayout.of(module).flatten_module(module)
-    return data, alg, build, init
-
-
-def _engine(run: RunConfig, algorithm: str, params: dict[str, object], **kw):  # type: ignore[no-untyped-def]
-    data, alg, build, init = _parts(algorithm, params, run.seed)
-    strategy = alg.make_strategy()
-    strategy.initialize(init, data.num_clients)
-    runtime = LocalRuntime(LocalRuntimeConfig())
-    runtime.start(Job(alg, data, build, InMemoryStateStore()))
-    system = kw.pop("system", None) or HomogeneousSystem(HomogeneousConfig())
-    return Engine(
-        run=run,
-        algorithm=alg,
-        strategy=strategy,
-        runtime=runtime,
-        dataset=data,
-        system=system,
-        num_params=init.numel(),
-        state_store=None,
-        **kw,
-    )
-
-
-def _deployed(run: RunConfig, algorithm: str, params: dict[str, object]) -> Engine:
-    """The run served on loopback, with CLIENTS nodes (threads), each its own key."""
-    clock = WallClock()
-    fleet = EngineCoordinator(clock, CLIENTS, task_timeout_s=120.0)
-    keys = [NodeKey.generate(f"node-{i}") for i in range(CLIENTS)]
-    allow = AllowList({k.node_id: k.public_bytes for k in keys})
-    engine = _engine(
-        run, algorithm, params, system=ConnectedNodes(fleet, CLIENTS), clock=clock, remote=fleet
-    )
-    stop = threading.Event()
-    errors: list[BaseException] = []
-    with DeployServer(fleet, Verifier(allow)) as server:
-        threads = []
-        for i, key in enumerate(keys):
-            data, alg, build, _ = _parts(algorithm, params, run.seed)  # the node's own copy
-            capture = CapturingAlgorithm(alg)
-            runtime = LocalRuntime(LocalRuntimeConfig())
-            runtime.start(Job(capture, data, build, InMemoryStateStore()))  # type: ignore[arg-type]
-            client = NodeClient(
-                server.address,
-                key,
-                num_examples=data.num_examples(i),
-                properties={"client_id": i},
-                config=ClientConfig(backoff=FAST),
-            )
-            worker = NodeWorker(client, runtime, capture, i)
-
-            def work(w: NodeWorker = worker) -> None:
-                try:
-                    w.run(stop)
-                except BaseException as e:  # reported by the test below
-                    errors.append(e)
-
-            threads.append(threading.Thread(target=work, daemon=True))
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 30  # the same participation: every node is there
-        while not fleet.connected(CLIENTS).all() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert fleet.connected(CLIENTS).all()
-        try:
-            engine.history = engine.run()  # type: ignore[attr-defined]
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(10)
-    assert not errors, errors
-    return engine
 
 
 def test_fedavg_deployed_equals_fedavg_simulated() -> None:
     """3 synchronous FedAvg rounds of all 4 clients: every round waits for its 4 nodes,
     each trains the same task (payload, data, seed) as in simulation; the models agree."""
     run = RunConfig(rounds=3, clients=CLIENTS, clients_per_round=CLIENTS, eval_every=0, seed=2)
-    sim = _engine(run, "fedavg", {})
+    sim = engine(run, "fedavg", {})
     sim_history = sim.run()
-    dep = _deployed(run, "fedavg", {})
+    dep = deployed(run, "fedavg", {})
     history = dep.history  # type: ignore[attr-defined]
     assert [r["clients"] for r in history.records] == [4, 4, 4]
     assert [r["round"] for r in history.records] == [1, 2, 3]
@@ -156,9 +49,9 @@ def test_fedbuff_deployed_one_at_a_time_equals_simulation() -> None:
     from the version that buffer will step, so staleness is 0 throughout.)"""
     params = {"buffer_size": 2, "concurrency": 1}
     run = RunConfig(rounds=3, clients=CLIENTS, clients_per_round=1, eval_every=0, seed=1)
-    sim = _engine(run, "fedbuff", params)
+    sim = engine(run, "fedbuff", params)
     sim_history = sim.run()
-    dep = _deployed(run, "fedbuff", params)
+    dep = deployed(run, "fedbuff", params)
     history = dep.history  # type: ignore[attr-defined]
     assert [r["clients"] for r in history.records] == [2, 2, 2]
     assert [r["staleness_max"] for r in history.records] == [0, 0, 0]

@@ -87,7 +87,7 @@ def test_the_refusal_messages_say_what_was_wrong_and_what_is_allowed(scene):
         "stale timestamp"
     )
     assert "314572800 bytes of tensors in one message; at most 268435456" in details("oversized")
-    assert "protocol_version 3; this side speaks version 2 only" in details("protocol version")
+    assert "protocol_version 4; this side speaks version 3 only" in details("protocol version")
 
 
 def test_a_replayed_request_is_refused_even_though_its_signature_is_valid(scene):
@@ -128,20 +128,20 @@ def test_an_identical_resubmission_is_acknowledged_and_delivered_once():
 
 
 def test_registration_with_another_protocol_version_is_refused():
-    """The handshake: a node speaking version 1 (before evaluation tasks) is told which
-    version the server speaks."""
+    """The handshake: a node speaking version 2 (before split learning's Exchange) is told
+    which version the server speaks."""
     from roost.deploy._proto import pb
 
     fed, coord = Federation(), RecordingCoordinator()
     with running_server(coord, fed) as server:
         channel = grpc.insecure_channel(server.address)
         body = pb.RegisterRequest(
-            protocol_version=1, node_id="alice", public_key=fed.alice.public_bytes
+            protocol_version=2, node_id="alice", public_key=fed.alice.public_bytes
         ).SerializeToString()
         outcome = call(channel, "Register", body, signed(Signer(fed.alice), "Register", body))
         channel.close()
     assert (outcome.code, outcome.kind) == (grpc.StatusCode.FAILED_PRECONDITION, "VersionMismatch")
-    assert "RegisterRequest has protocol_version 1; this side speaks version 2" in outcome.details
+    assert "RegisterRequest has protocol_version 2; this side speaks version 3" in outcome.details
     assert coord.registered == []
 
 

@@ -14,6 +14,10 @@ sets each round's batch size, epochs and learning rate from the speeds it measur
 on real nodes are not the simulated devices' speeds: its first round (nothing measured
 yet) is compared, and what it learned from the nodes' measured compute times is checked.
 Ditto's personal models, kept in client state on the nodes, are measured by the nodes.
+The split-learning methods train the device part on the nodes and the server part on a
+replica per task on the server, with the activations and gradients of every micro-batch
+crossing the network (their bytes up are the device parts and those messages, which is
+what the simulation's plan counts); deprune does not deploy yet.
 """
 
 from __future__ import annotations
@@ -44,12 +48,16 @@ SYNCHRONOUS = {
     "fedadagrad": {},
     "scaffold": {},
     "feddyn": {},
+    "splitfed": {"micro_batches": 2},
+    "pipar": {"cut": 2, "micro_batches": 2},
 }
 ASYNCHRONOUS = {
     "fedasync": {"concurrency": 1},
     "fedbuff": {"concurrency": 1, "buffer_size": 2},
     "fedasmu": {"concurrency": 1},
     "teasq": {"concurrency": 1},
+    "vanilla_sl": {"micro_batches": 2},
+    "splitfed_v2": {"micro_batches": 2},
 }
 
 

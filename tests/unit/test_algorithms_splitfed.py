@@ -81,7 +81,7 @@ def test_bad_settings_name_what_is_allowed() -> None:
         client_task(alg, model, data, Payload(model.params.clone(), 0), 0, 1)
 
 
-def test_serving_splitfed_is_refused_with_the_reason(tmp_path: Path) -> None:
+def test_serving_deprune_is_refused_with_the_reason(tmp_path: Path) -> None:
     pytest.importorskip("grpc")
     pytest.importorskip("cryptography")
     from roost.config import resolve
@@ -95,9 +95,9 @@ def test_serving_splitfed_is_refused_with_the_reason(tmp_path: Path) -> None:
         "clients": 2,
         "clients_per_round": 1,
         "data": {"name": "digits"},
-        "model": {"name": "mlp", "hidden": [8]},
-        "algorithm": {"name": "splitfed"},
+        "model": {"name": "mlp", "hidden": [64]},
+        "algorithm": {"name": "deprune"},
     }
     options = ServeOptions(address="127.0.0.1:0", keys=keys)
-    with pytest.raises(ConfigError, match=r"deploying it .* is not built yet"):
+    with pytest.raises(ConfigError, match=r"deploying it .* is not built yet for this method"):
         serve(resolve(tree), tmp_path / "run", options)

@@ -20,10 +20,12 @@ class RequestKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     REQUEST_KIND_UNSPECIFIED: _ClassVar[RequestKind]
     REQUEST_KIND_FETCH_MODEL: _ClassVar[RequestKind]
+    REQUEST_KIND_SPLIT_ACTIVATIONS: _ClassVar[RequestKind]
 TASK_KIND_TRAIN: TaskKind
 TASK_KIND_EVALUATE: TaskKind
 REQUEST_KIND_UNSPECIFIED: RequestKind
 REQUEST_KIND_FETCH_MODEL: RequestKind
+REQUEST_KIND_SPLIT_ACTIVATIONS: RequestKind
 
 class Setting(_message.Message):
     __slots__ = ("key", "bool_value", "int_value", "float_value", "string_value")
@@ -208,6 +210,30 @@ class MidTaskRequest(_message.Message):
     task_id: str
     kind: RequestKind
     def __init__(self, protocol_version: _Optional[int] = ..., node_id: _Optional[str] = ..., task_id: _Optional[str] = ..., kind: _Optional[_Union[RequestKind, str]] = ...) -> None: ...
+
+class ExchangeHeader(_message.Message):
+    __slots__ = ("node_id", "task_id", "kind", "fields", "payload")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    task_id: str
+    kind: RequestKind
+    fields: _containers.RepeatedCompositeFieldContainer[Setting]
+    payload: Manifest
+    def __init__(self, node_id: _Optional[str] = ..., task_id: _Optional[str] = ..., kind: _Optional[_Union[RequestKind, str]] = ..., fields: _Optional[_Iterable[_Union[Setting, _Mapping]]] = ..., payload: _Optional[_Union[Manifest, _Mapping]] = ...) -> None: ...
+
+class ExchangeFrame(_message.Message):
+    __slots__ = ("protocol_version", "header", "chunk")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    header: ExchangeHeader
+    chunk: DataChunk
+    def __init__(self, protocol_version: _Optional[int] = ..., header: _Optional[_Union[ExchangeHeader, _Mapping]] = ..., chunk: _Optional[_Union[DataChunk, _Mapping]] = ...) -> None: ...
 
 class AnswerHeader(_message.Message):
     __slots__ = ("task_id", "kind", "model_version", "payload")

@@ -58,6 +58,11 @@ class DeployStub:
                 request_serializer=roost_dot_deploy_dot___generated_dot_roost__deploy__pb2.MidTaskRequest.SerializeToString,
                 response_deserializer=roost_dot_deploy_dot___generated_dot_roost__deploy__pb2.AnswerFrame.FromString,
                 _registered_method=True)
+        self.Exchange = channel.stream_stream(
+                '/roost.deploy.v1.Deploy/Exchange',
+                request_serializer=roost_dot_deploy_dot___generated_dot_roost__deploy__pb2.ExchangeFrame.SerializeToString,
+                response_deserializer=roost_dot_deploy_dot___generated_dot_roost__deploy__pb2.AnswerFrame.FromString,
+                _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/roost.deploy.v1.Deploy/Heartbeat',
                 request_serializer=roost_dot_deploy_dot___generated_dot_roost__deploy__pb2.HeartbeatRequest.SerializeToString,
@@ -97,6 +102,15 @@ class DeployServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Exchange(self, request_iterator, context):
+        """Mid-task message with tensors (split learning: a micro-batch's activations at the
+        cut): an ExchangeHeader, then its chunks; answered with an AnswerFrame header (the
+        gradient at the cut and the micro-batch's loss), then the answer's chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Heartbeat(self, request, context):
         """The node is alive, and which task it is working on.
         """
@@ -125,6 +139,11 @@ def add_DeployServicer_to_server(servicer, server):
             'Request': grpc.unary_stream_rpc_method_handler(
                     servicer.Request,
                     request_deserializer=roost_dot_deploy_dot___generated_dot_roost__deploy__pb2.MidTaskRequest.FromString,
+                    response_serializer=roost_dot_deploy_dot___generated_dot_roost__deploy__pb2.AnswerFrame.SerializeToString,
+            ),
+            'Exchange': grpc.stream_stream_rpc_method_handler(
+                    servicer.Exchange,
+                    request_deserializer=roost_dot_deploy_dot___generated_dot_roost__deploy__pb2.ExchangeFrame.FromString,
                     response_serializer=roost_dot_deploy_dot___generated_dot_roost__deploy__pb2.AnswerFrame.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
@@ -240,6 +259,33 @@ class Deploy:
             target,
             '/roost.deploy.v1.Deploy/Request',
             roost_dot_deploy_dot___generated_dot_roost__deploy__pb2.MidTaskRequest.SerializeToString,
+            roost_dot_deploy_dot___generated_dot_roost__deploy__pb2.AnswerFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Exchange(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/roost.deploy.v1.Deploy/Exchange',
+            roost_dot_deploy_dot___generated_dot_roost__deploy__pb2.ExchangeFrame.SerializeToString,
             roost_dot_deploy_dot___generated_dot_roost__deploy__pb2.AnswerFrame.FromString,
             options,
             channel_credentials,

@@ -1,0 +1,147 @@
+"""A split task's messages on the wire (issue 10, item 5): the server's replica answers a
+micro-batch's activations with the gradient plain PyTorch computes, and every message it
+cannot accept is refused with its reason before it reaches the replica's model: a shape
+or dtype the task does not allow, NaN, a label out of range, a micro-batch out of order,
+a different message for a micro-batch already answered, a field missing, a result
+before the last iteration ended. A message resent after a lost answer is answered again
+(the same answer), not computed twice.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+pytest.importorskip("grpc")
+pytest.importorskip("cryptography")
+
+import torch
+import torch.nn.functional as F
+from _deploy_helpers import FAST
+from _loopback import parts
+
+from roost.algorithms.base import Payload
+from roost.clock import WallClock
+from roost.deploy.auth import AllowList, NodeKey, Verifier
+from roost.deploy.client import ClientConfig, NodeClient, RemoteRefusal
+from roost.deploy.coordinator import EngineCoordinator
+from roost.deploy.errors import MalformedMessage
+from roost.deploy.protocol import Exchange, RequestKind, Result
+from roost.deploy.server import DeployServer
+from roost.deploy.split import DEVICE_PARAMS, reply_from_wire
+from roost.params import FlatModel
+from roost.split import cut_module
+from roost.split.messages import Activations, SplitExchange
+
+SPLIT = RequestKind.SPLIT_ACTIVATIONS
+FIELDS = {"iteration": 0, "micro_batch": 0, "micro_batches": 2, "examples": 5}
+
+
+@pytest.fixture
+def served():  # type: ignore[no-untyped-def]
+    """A SplitFed task (cut 2 of the 16-unit MLP, 2 micro-batches of 5) given to node-0."""
+    p = parts("splitfed", {"cut": 2, "micro_batches": 2}, seed=0)
+    split = p.algorithm.split_serving(p.build, p.data.info)
+    fleet = EngineCoordinator(WallClock(), 4, split=split)
+    key = NodeKey.generate("node-0")
+    with DeployServer(fleet, Verifier(AllowList({key.node_id: key.public_bytes}))) as server:
+        client = NodeClient(
+            server.address, key, properties={"client_id": 0}, config=ClientConfig(backoff=FAST)
+        )
+        client.register()
+        task = types.SimpleNamespace(version=0, seed=1, round=1, settings=(), client_id=0)
+        fleet.send(types.SimpleNamespace(key=7, client_id=0, task=task), Payload(p.init, 0))
+        given = client.pull_task()
+        assert given is not None
+        yield types.SimpleNamespace(client=client, task=given, fleet=fleet, parts=p)
+        client.close()
+
+
+def _send(s, fields=FIELDS, **tensors):  # type: ignore[no-untyped-def]
+    values = {
+        "activations": tensors.pop("activations", torch.ones(5, 16)),
+        "labels": tensors.pop("labels", torch.arange(5, dtype=torch.uint8)),
+    }
+    return s.client.exchange(Exchange(s.task.task_id, SPLIT, fields, values))
+
+
+def _refused(s, kind: str, match: str, **kw):  # type: ignore[no-untyped-def]
+    with pytest.raises(RemoteRefusal, match=match) as info:
+        _send(s, **kw)
+    assert info.value.kind == kind
+
+
+def test_the_node_gets_the_device_part_and_the_gradient_plain_pytorch_computes(served) -> None:  # type: ignore[no-untyped-def]
+    """The payload is the device part alone (1,040 floats); the answer to activations
+    a = 1 (5 x 16) with labels 0..4 is L = CE(f_s(a), y) / 2 and dL/da computed here with
+    autograd on the server part of the initial model."""
+    s = served
+    assert set(s.task.payload) == {DEVICE_PARAMS}
+    assert s.task.payload[DEVICE_PARAMS].shape == (64 * 16 + 16,)
+    model = FlatModel(s.parts.build())
+    model.load_(s.parts.init)  # the initial model
+    server = cut_module(model.module, 2).server
+    a = torch.ones(5, 16, requires_grad=True)
+    loss = F.cross_entropy(server(a), torch.arange(5)) / 2
+    loss.backward()
+    answer = _send(s)
+    assert answer.tensors["loss"].item() == pytest.approx(loss.item(), abs=1e-6)
+    assert torch.allclose(answer.tensors["gradient"], a.grad, atol=1e-7)
+    # resent after a lost answer: the same answer, computed once
+    again = _send(s)
+    assert torch.equal(again.tensors["gradient"], answer.tensors["gradient"])
+    assert s.fleet._split[7].task.replica.answered == 1
+
+
+def test_messages_the_task_cannot_take_are_refused_with_the_reason(served) -> None:  # type: ignore[no-untyped-def]
+    s = served
+    _refused(s, "SpecMismatch", r"shape \[5, 16\], not \[5, 15\]", activations=torch.ones(5, 15))
+    half = torch.ones(5, 16, dtype=torch.float16)
+    _refused(s, "SpecMismatch", "must be float32, not float16", activations=half)
+    _refused(s, "SpecMismatch", "must be uint8, not int64", labels=torch.arange(5))
+    nan = torch.ones(5, 16)
+    nan[2, 3] = float("nan")
+    _refused(s, "NonFinite", "NaN", activations=nan)
+    _refused(s, "ResultRefused", r"a label is not in 0 \.\. 9",
+             labels=torch.tensor([0, 1, 2, 3, 10], dtype=torch.uint8))  # fmt: skip
+    _refused(s, "ResultRefused", "expected micro-batch 0 of iteration 0 or 1",
+             fields={**FIELDS, "iteration": 5})  # fmt: skip
+    _refused(s, "MalformedMessage", "'examples'",
+             fields={k: v for k, v in FIELDS.items() if k != "examples"})  # fmt: skip
+    _refused(s, "ResultRefused", r"N m <= the batch size 10",
+             fields={**FIELDS, "micro_batches": 3})  # fmt: skip
+    _send(s)  # micro-batch 0 of 2: accepted; now 1 of 2 is due
+    _refused(s, "AlreadyArrived", "different content", activations=torch.zeros(5, 16))
+    _refused(s, "ResultRefused", "expected iteration 0's micro-batch 1",
+             fields={**FIELDS, "iteration": 1})  # fmt: skip
+    # a result while iteration 0 waits for its second micro-batch is refused
+    device = torch.zeros(64 * 16 + 16)
+    with pytest.raises(RemoteRefusal, match="iteration 0 is not over"):
+        s.client.push_result(Result(s.task.task_id, {DEVICE_PARAMS: device}, 1.0))
+
+
+def test_an_exchange_for_a_task_that_does_not_split_is_refused(served) -> None:  # type: ignore[no-untyped-def]
+    s = served
+    s.fleet.split = None
+    task = types.SimpleNamespace(version=0, seed=1, round=1, settings=(), client_id=0)
+    s.fleet.send(types.SimpleNamespace(key=8, client_id=0, task=task), Payload(s.parts.init, 0))
+    plain = s.client.pull_task()
+    assert plain is not None and "params" in plain.payload
+    values = {"activations": torch.ones(5, 16), "labels": torch.zeros(5, dtype=torch.uint8)}
+    with pytest.raises(RemoteRefusal, match="no split-learning replica"):
+        s.client.exchange(Exchange(plain.task_id, SPLIT, FIELDS, values))
+
+
+def test_a_node_refuses_an_answer_that_is_not_the_gradient_of_its_message() -> None:
+    message = SplitExchange(
+        Activations(torch.ones(5, 16), torch.zeros(5, dtype=torch.uint8)), 0, 0, 1
+    )
+    loss = torch.ones(1)
+    with pytest.raises(MalformedMessage, match=r"activations' shape \(5, 16\)"):
+        reply_from_wire({"loss": loss, "gradient": torch.ones(5, 15)}, message, True)
+    with pytest.raises(MalformedMessage, match="one float32 value"):
+        reply_from_wire({"loss": torch.ones(2)}, message, False)
+    with pytest.raises(MalformedMessage, match=r"holds \['gradient', 'loss'\]"):
+        reply_from_wire({"loss": loss}, message, True)
+    assert reply_from_wire({"loss": loss}, message, False).gradient is None
