@@ -296,7 +296,7 @@ def _execute_run(
                 cfg.name("algorithm"),
                 "trains the model split between device and server; deploying it (the "
                 "device part on the nodes, the server part here) is not built yet for "
-                "this method (splitfed, splitfed_v2, vanilla_sl and pipar deploy)",
+                "this method",
             )
         start_s = float(checkpoint["virtual_time_s"]) if checkpoint is not None else 0.0
         clock = WallClock(start_s)

@@ -43,13 +43,12 @@ mode), ``cut_bytes_up`` and ``cut_bytes_down`` per task, and ``gate_penalty``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from roost.algorithms.base import (
@@ -59,6 +58,7 @@ from roost.algorithms.base import (
     Strategy,
     Tensors,
     UpdateOutput,
+    drive,
     register_algorithm,
 )
 from roost.algorithms.fedavg import FedAvgStrategy
@@ -71,7 +71,7 @@ from roost.registry import ConfigError, check
 from roost.split import Activations, Gradient, cut_module, label_dtype, wire_dtype
 from roost.split.bottleneck import (
     Encoder,
-    KeptChannels,
+    KeptActivations,
     KeptGradient,
     Phase,
     PhaseSchedule,
@@ -82,7 +82,9 @@ from roost.split.bottleneck import (
     reset_gates,
     top_b_mask,
 )
+from roost.split.messages import SplitExchange, SplitReply
 from roost.split.plan import DeviceLink, SplitPlan
+from roost.split.step import ServerReplica, Stepper
 
 __all__ = ["Deprune", "DepruneConfig", "DepruneStrategy"]
 
@@ -254,6 +256,14 @@ def _encoder_at(module: nn.Module) -> int:
     raise ValueError("the model has no bottleneck encoder (was it built through adapt_model?)")
 
 
+def _num_classes(module: nn.Module, data: ClientData) -> int:
+    """The model's number of classes, from one example's logits (in eval mode)."""
+    with torch.no_grad():
+        n = int(module.eval()(data.x[:1]).shape[-1])
+    module.train()
+    return n
+
+
 @register_algorithm("deprune")
 class Deprune(SplitFed):
     """deprune / prune (Mudvari et al. 2023): a gated bottleneck at the cut, top-b
@@ -270,11 +280,6 @@ class Deprune(SplitFed):
         self._channels = 0  # C' of the encoder (known after bind_model)
         self._smallest_batch = 1
         self._after_encoder = 0  # the cut of the adapted model: after its encoder
-
-    def split_serving(self, build_module: Callable[[], nn.Module], info: DatasetInfo) -> Any:
-        """None: deploying deprune and prune (the kept channels, their indices and the
-        gate's penalty across the network) is not built yet."""
-        return None
 
     def adapt_model(self, module: nn.Module, info: DatasetInfo) -> nn.Module:
         """The model with its bottleneck after layer ``cut`` (0: half of its layers)."""
@@ -363,9 +368,65 @@ class Deprune(SplitFed):
         payload: Payload,
         state: Tensors | None,
     ) -> UpdateOutput:
+        """The device's procedure (:meth:`device_procedure`), its messages answered by
+        ``ctx.server`` (deployed) or by a replica of this same model's server part."""
+        procedure = self.device_procedure(ctx, model, data, payload, state)
+        if ctx.server is not None:
+            return drive(procedure, ctx.server)
+        module = model.module
+        parts = cut_module(module, _encoder_at(module) + 1)
+        replica = self.server_replica(
+            parts.server, ctx.settings, num_classes=_num_classes(module, data), trains=True
+        )
+        return drive(procedure, replica.answer)
+
+    def server_replica(
+        self,
+        server: nn.Module,
+        settings: Mapping[str, Any],
+        *,
+        num_classes: int,
+        trains: bool,
+        stepper: Stepper | None = None,
+        batch_size: int | None = None,
+        activation_shape: tuple[int, ...] | None = None,
+    ) -> ServerReplica:
+        """The replica of a task in the phase of ``settings``: it expects the phase's
+        ``b`` kept channels (all of them in normal mode) and answers with their float32
+        gradient, on the kept channels alone in prune mode when ``masked_backward``."""
+        masked = bool(settings.get("masked_backward", True))
+
+        def reply(sent: Any, grad: torch.Tensor) -> Gradient | KeptGradient:
+            if isinstance(sent, KeptActivations) and masked:
+                return KeptGradient.of(grad, sent.kept)
+            return Gradient.of(grad, torch.float32)  # z = z' ⊙ m masks it in the chain rule
+
+        return ServerReplica(
+            server,
+            num_classes=num_classes,
+            returns_gradient=trains,
+            stepper=stepper,
+            batch_size=batch_size,
+            activation_shape=activation_shape,
+            reply=reply,
+            budget=int(settings.get("budget", 0)),
+        )
+
+    def device_procedure(
+        self,
+        ctx: ClientContext,
+        model: FlatModel,
+        data: ClientData,
+        payload: Payload,
+        state: Tensors | None,
+    ) -> Generator[SplitExchange, SplitReply, UpdateOutput]:
+        """Per minibatch: the encoder's output ``z`` goes to the server (in prune mode
+        only the top-``b`` channels of the gate, in fp16, with their ids), its gradient
+        comes back and is back-propagated through ``z``, the gate penalty's too, and the
+        model takes an SGD step. Minibatches below two examples are skipped on an MLP's
+        features (BatchNorm over 1 x 1 maps needs two)."""
         cfg = self.task_config(ctx)
         assert isinstance(cfg, DepruneConfig)
-        masked = bool(ctx.settings.get("masked_backward", True))
         module = model.module
         at = _encoder_at(module)
         parts = cut_module(module, at + 1)
@@ -374,54 +435,36 @@ class Deprune(SplitFed):
         encoder.weighted_mask = cfg.phases().weighted_mask
         budget = encoder.kept  # the round's mode, in the model the server sent
         wire = wire_dtype(cfg.wire_dtype)
-        with torch.no_grad():
-            num_classes = int(module.eval()(data.x[:1]).shape[-1])
+        num_classes = _num_classes(module, data)
         module.train()
         up = down = 0
         penalty_sum = 0.0
-
-        def backward(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-            nonlocal up, down, penalty_sum
+        smallest = 2 if encoder.flat else 1
+        stepper = SGDStepper(model, cfg)
+        iteration = 0
+        for xb, yb in minibatches(ctx, data, cfg):
+            if len(xb) < smallest:
+                continue
+            stepper.begin()
             z = parts.device(xb)  # masked by the encoder in prune mode
-            labels_bytes = yb.numel() * label_dtype(num_classes).itemsize
+            sent: Activations | KeptActivations
             if budget:
-                gate = encoder.gate
-                keep = top_b_mask(gate, budget)  # which channels travel (z is 0 elsewhere)
-                kept = KeptChannels.of(z, keep, wire)
-                leaf = kept.received()
-                loss = F.cross_entropy(parts.server(leaf), yb)
-                loss.backward()
-                assert leaf.grad is not None
-                if masked:
-                    back = KeptGradient.of(leaf.grad, kept)
-                    grad, down_bytes = back.received(keep), back.nbytes
-                else:  # the whole gradient travels; z = z' ⊙ m masks it in the chain rule
-                    whole = Gradient.of(leaf.grad, torch.float32)
-                    grad, down_bytes = whole.received(), whole.nbytes
-                z.backward(grad)
-                penalty = gate_penalty(gate, budget, cfg.eps, cfg.delta)
+                keep = top_b_mask(encoder.gate, budget)  # which channels travel
+                sent = KeptActivations.of(z, keep, yb, wire, num_classes)
+            else:
+                sent = Activations.of(z, yb, wire, num_classes)
+            reply = yield SplitExchange(sent, iteration, 0, 1)
+            iteration += 1
+            g = reply.gradient
+            assert g is not None
+            z.backward(g.received(keep) if isinstance(g, KeptGradient) else g.received())
+            if budget:
+                penalty = gate_penalty(encoder.gate, budget, cfg.eps, cfg.delta)
                 penalty.backward()
                 penalty_sum += float(penalty.detach())
-                up += kept.nbytes + labels_bytes
-                down += down_bytes
-            else:
-                message = Activations.of(z, yb, wire, num_classes)
-                leaf, labels = message.received()
-                loss = F.cross_entropy(parts.server(leaf), labels)
-                loss.backward()
-                assert leaf.grad is not None
-                back_all = Gradient.of(leaf.grad, torch.float32)
-                z.backward(back_all.received())
-                up += message.nbytes
-                down += back_all.nbytes
-            return loss.detach()
-
-        # BatchNorm over 1 x 1 maps (an MLP's features) needs two examples per channel
-        smallest = 2 if encoder.flat else 1
-        stepper = SGDStepper(model, cfg, backward=backward)
-        for xb, yb in minibatches(ctx, data, cfg):
-            if len(xb) >= smallest:
-                stepper.step(xb, yb)
+            up += sent.nbytes
+            down += reply.nbytes
+            stepper.finish(reply.loss)
         res = stepper.result()
         device_bytes = 4 * parts.layout.device.numel
         weight = float(ctx.num_examples) if cfg.weighted else 1.0

@@ -64,12 +64,29 @@ class SplitTask:
         self.bytes_up = 0  # activations and labels received
         self.bytes_down = 0  # gradients sent
 
-    def spec(self, examples: int) -> tuple[torch.dtype, tuple[int, ...], torch.dtype]:
-        """What a micro-batch of ``examples`` must be: the activations' dtype (the task's
-        wire dtype) and one example's shape at the cut, and the labels' dtype."""
+    @property
+    def channels(self) -> int:
+        """The channels of the activations at the cut (``C'``; an MLP's features)."""
         shape = self.replica.activation_shape
         assert shape is not None
-        return self.wire, shape, label_dtype(self.replica.num_classes)
+        return shape[0]
+
+    def spec(self, examples: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """The exact tensors of a micro-batch of ``examples``, by name (dtype, shape):
+        ``activations`` in the task's wire dtype, of one example's shape at the cut (in
+        prune mode, ``b`` kept channels of ``C'``, and their ids ``channels``), and
+        ``labels``."""
+        shape = self.replica.activation_shape
+        assert shape is not None
+        labels = (label_dtype(self.replica.num_classes), (examples,))
+        b = self.replica.budget
+        if not b:
+            return {"activations": (self.wire, (examples, *shape)), "labels": labels}
+        return {
+            "activations": (self.wire, (examples, b, *shape[1:])),
+            "channels": (label_dtype(shape[0]), (b,)),
+            "labels": labels,
+        }
 
     def answer(self, message: SplitExchange) -> SplitReply:
         """The replica's answer (ValueError for a message it does not accept)."""
@@ -109,6 +126,7 @@ class SplitServing:
         self.build_module = build_module
         self.info = info
         self._module = build_module()  # the structure every layout is read from
+        algorithm.bind_model(self._module)  # deprune: where its encoder is
         self._layouts: dict[int, tuple[SplitLayout, tuple[int, ...], bool]] = {}
         numel = ParamLayout.of(self._module).numel
         self.keeps_momentum = "momentum" in algorithm.client_state_spec(numel)
@@ -169,10 +187,11 @@ class SplitServing:
         if saved is not None:
             buffer = layout.join(torch.zeros(layout.device.numel), saved)
         stepper = SGDStepper(model, cfg, momentum_buffer=buffer)
-        replica = ServerReplica(
+        replica = self.algorithm.server_replica(
             parts.server,
+            settings,
             num_classes=self.info.num_classes,
-            returns_gradient=trains,
+            trains=trains,
             stepper=stepper,
             batch_size=cfg.batch_size,
             activation_shape=shape,

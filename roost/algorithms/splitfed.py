@@ -68,7 +68,7 @@ from roost.registry import check
 from roost.split import SplitModule, cut_module, num_cut_points, wire_dtype
 from roost.split.messages import WIRE_DTYPES, SplitExchange, SplitReply, label_dtype
 from roost.split.plan import DeviceLink, SplitPlan, plan_for_cut
-from roost.split.step import ServerReplica, device_iteration
+from roost.split.step import ServerReplica, Stepper, device_iteration
 
 __all__ = ["SplitFed", "SplitFedConfig"]
 
@@ -223,10 +223,32 @@ class SplitFed(Algorithm):
         if ctx.server is not None:
             return drive(procedure, ctx.server)
         parts, num_classes = self._split(model, data.x, self.task_config(ctx))
-        replica = ServerReplica(
-            parts.server, num_classes=num_classes, returns_gradient=_trains(parts.device)
+        replica = self.server_replica(
+            parts.server, ctx.settings, num_classes=num_classes, trains=_trains(parts.device)
         )
         return drive(procedure, replica.answer)
+
+    def server_replica(
+        self,
+        server: nn.Module,
+        settings: Mapping[str, Any],
+        *,
+        num_classes: int,
+        trains: bool,
+        stepper: Stepper | None = None,
+        batch_size: int | None = None,
+        activation_shape: tuple[int, ...] | None = None,
+    ) -> ServerReplica:
+        """The server part's replica for a task with ``settings``: answers with the
+        gradient in the wire dtype (none when the device part does not ``trains``)."""
+        return ServerReplica(
+            server,
+            num_classes=num_classes,
+            returns_gradient=trains,
+            stepper=stepper,
+            batch_size=batch_size,
+            activation_shape=activation_shape,
+        )
 
     def device_procedure(
         self,

@@ -905,11 +905,11 @@ class EngineCoordinator:
         examples = read_fields(fields)["examples"]
         if examples < 1:
             raise ResultRefused("a split exchange carries at least 1 example")
-        return exchange_spec(*split.task.spec(examples), examples)
+        return exchange_spec(split.task.spec(examples))
 
     def exchange(self, node_id: str, exchange: Exchange) -> Answer:
         split = self._split_flight(node_id, exchange.task_id)
-        message = exchange_from_wire(exchange.fields, exchange.tensors)
+        message = exchange_from_wire(exchange.fields, exchange.tensors, split.task.channels)
         position = (message.iteration, message.micro_batch)
         with split.lock:  # a node's micro-batches come one at a time; a resend may overlap
             if split.last is not None and split.last[0] == position:

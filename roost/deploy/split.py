@@ -27,6 +27,7 @@ from roost.algorithms.base import Payload
 from roost.deploy.errors import MalformedMessage
 from roost.deploy.protocol import SettingValue
 from roost.deploy.tensors import DTYPES, TensorSpec, WireValue
+from roost.split.bottleneck import KeptActivations, KeptChannels, KeptGradient
 from roost.split.messages import Activations, Gradient, SplitExchange, SplitReply
 
 __all__ = [
@@ -56,12 +57,13 @@ class SplitTaskLike(Protocol):
     (:class:`~roost.algorithms.split_serving.SplitTask`)."""
 
     bytes_up: int
+    channels: int
 
     def answer(self, message: SplitExchange) -> SplitReply: ...
 
     def join(self, device_params: torch.Tensor) -> torch.Tensor: ...
 
-    def spec(self, examples: int) -> tuple[torch.dtype, tuple[int, ...], torch.dtype]: ...
+    def spec(self, examples: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]: ...
 
 
 class SplitServingLike(Protocol):
@@ -97,14 +99,11 @@ def read_fields(fields: Mapping[str, SettingValue]) -> dict[str, int]:
     return out
 
 
-def exchange_spec(
-    wire: torch.dtype, shape: tuple[int, ...], labels: torch.dtype, examples: int
-) -> dict[str, TensorSpec]:
-    """The exact tensors of a micro-batch of ``examples`` activations of one example's
-    ``shape`` in ``wire``, with their ``labels``."""
+def exchange_spec(spec: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> dict[str, TensorSpec]:
+    """The wire spec of a task's exact tensors (:meth:`SplitTaskLike.spec`)."""
     return {
-        "activations": TensorSpec(dtype=_DTYPE_NAMES[wire], shape=(examples, *shape)),
-        "labels": TensorSpec(dtype=_DTYPE_NAMES[labels], shape=(examples,)),
+        name: TensorSpec(dtype=_DTYPE_NAMES[dtype], shape=tuple(shape))
+        for name, (dtype, shape) in spec.items()
     }
 
 
@@ -119,20 +118,27 @@ def exchange_to_wire(
         "examples": message.examples,
     }
     a = message.activations
-    return fields, {"activations": a.values.contiguous(), "labels": a.labels.contiguous()}
+    tensors: dict[str, WireValue] = {"activations": a.values.contiguous()}
+    if isinstance(a, KeptActivations):
+        tensors["channels"] = a.kept.indices.contiguous()
+    tensors["labels"] = a.labels.contiguous()
+    return fields, tensors
 
 
 def exchange_from_wire(
-    fields: Mapping[str, SettingValue], tensors: Mapping[str, WireValue]
+    fields: Mapping[str, SettingValue], tensors: Mapping[str, WireValue], channels: int
 ) -> SplitExchange:
-    """The message a node sent (its tensors already checked against the spec)."""
+    """The message a node sent (its tensors already checked against the spec); with
+    ``channels`` (kept channel ids), a prune-mode message of the cut's ``channels``."""
     f = read_fields(fields)
     values, labels = tensors.get("activations"), tensors.get("labels")
+    ids = tensors.get("channels")
     if not isinstance(values, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise MalformedMessage("a split exchange holds the tensors 'activations' and 'labels'")
-    return SplitExchange(
-        Activations(values, labels), f["iteration"], f["micro_batch"], f["micro_batches"]
-    )
+    message: Activations | KeptActivations = Activations(values, labels)
+    if isinstance(ids, torch.Tensor):
+        message = KeptActivations(KeptChannels(values, ids, channels), labels)
+    return SplitExchange(message, f["iteration"], f["micro_batch"], f["micro_batches"])
 
 
 def reply_to_wire(reply: SplitReply) -> dict[str, WireValue]:
@@ -147,8 +153,9 @@ def reply_from_wire(
     tensors: Mapping[str, WireValue], message: SplitExchange, gradient: bool
 ) -> SplitReply:
     """The server's answer to ``message`` as the node received it: MalformedMessage unless
-    it is one float32 loss and, when the device part trains (``gradient``), a gradient
-    of the activations' shape and dtype (finite: the decoder checked)."""
+    it is one float32 loss and, when the device part trains (``gradient``), a floating
+    gradient of the activations' shape (finite: the decoder checked); for a prune-mode
+    message, of the kept channels (the kept channels' gradient) or of all ``C'``."""
     loss = tensors.get("loss")
     if not isinstance(loss, torch.Tensor) or loss.dtype != torch.float32 or loss.shape != (1,):
         raise MalformedMessage("a split answer's 'loss' must be one float32 value")
@@ -158,10 +165,18 @@ def reply_from_wire(
     if not gradient:
         return SplitReply(loss.reshape(()), None)
     g = tensors["gradient"]
-    values = message.activations.values
-    if not isinstance(g, torch.Tensor) or g.shape != values.shape or g.dtype != values.dtype:
+    a = message.activations
+    full = tuple(a.values.shape)
+    if isinstance(a, KeptActivations):
+        full = (full[0], a.kept.num_channels, *full[2:])
+    if not isinstance(g, torch.Tensor) or not g.is_floating_point():
+        raise MalformedMessage("a split answer's gradient must be a floating tensor")
+    if isinstance(a, KeptActivations) and tuple(g.shape) == tuple(a.values.shape):
+        kept = KeptGradient(g, a.kept.indices.to(torch.int64), a.kept.num_channels)
+        return SplitReply(loss.reshape(()), kept)
+    if tuple(g.shape) != full:
         raise MalformedMessage(
-            f"a split answer's gradient must have the activations' shape "
-            f"{tuple(values.shape)} and dtype {values.dtype}"
+            f"a split answer's gradient must have the activations' shape {full}, got "
+            f"{tuple(g.shape)}"
         )
     return SplitReply(loss.reshape(()), Gradient(g))

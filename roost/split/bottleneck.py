@@ -83,6 +83,7 @@ __all__ = [
     "GATE_SCALE",
     "Decoder",
     "Encoder",
+    "KeptActivations",
     "KeptChannels",
     "KeptGradient",
     "Phase",
@@ -484,6 +485,39 @@ class KeptChannels:
         )
         full[:, self.indices.to(torch.int64)] = self.values.to(torch.float32)
         return full.requires_grad_(True)  # a new leaf
+
+
+@dataclass(frozen=True)
+class KeptActivations:
+    """A prune-mode message as it travels: the :class:`KeptChannels` and the labels of
+    the examples they came from (in :func:`~roost.split.messages.label_dtype`).
+    ``nbytes`` counts both."""
+
+    kept: KeptChannels
+    labels: torch.Tensor
+
+    @staticmethod
+    def of(
+        activations: torch.Tensor,
+        mask: torch.Tensor,
+        labels: torch.Tensor,
+        dtype: torch.dtype,
+        num_classes: int,
+    ) -> KeptActivations:
+        kept = KeptChannels.of(activations, mask, dtype)
+        return KeptActivations(kept, labels.detach().to(label_dtype(num_classes)))
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.kept.values
+
+    @property
+    def nbytes(self) -> int:
+        return self.kept.nbytes + _nbytes(self.labels)
+
+    def received(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The server's float32 leaf (:meth:`KeptChannels.received`) and int64 labels."""
+        return self.kept.received(), self.labels.to(torch.int64)
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,12 @@ framing of a transport (protobuf, gRPC, TCP) comes on top and is not counted her
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from roost.split.bottleneck import KeptActivations, KeptGradient
 
 __all__ = [
     "WIRE_DTYPES",
@@ -110,9 +114,11 @@ class SplitExchange:
     """What a device's procedure sends the server for one micro-batch: its activations
     and labels, and where they are in the task (micro-batch ``micro_batch`` of
     ``micro_batches`` of iteration ``iteration``, counted from 0), so that the server's
-    replica knows when an iteration starts and ends."""
+    replica knows when an iteration starts and ends. In deprune's prune mode the
+    activations are the kept channels alone (:class:`~roost.split.bottleneck.
+    KeptActivations`)."""
 
-    activations: Activations
+    activations: Activations | KeptActivations
     iteration: int
     micro_batch: int
     micro_batches: int
@@ -130,10 +136,10 @@ class SplitExchange:
 class SplitReply:
     """The server's answer to a :class:`SplitExchange`: the micro-batch's loss ``L_j``
     (a float32 scalar) and the gradient at the cut (None when the device part has
-    nothing to train)."""
+    nothing to train; deprune's prune mode may send the kept channels' alone)."""
 
     loss: torch.Tensor
-    gradient: Gradient | None
+    gradient: Gradient | KeptGradient | None
 
     @property
     def nbytes(self) -> int:

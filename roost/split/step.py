@@ -37,12 +37,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from roost.split.bottleneck import KeptActivations
 from roost.split.messages import Activations, Gradient, SplitExchange, SplitReply, label_dtype
 
 __all__ = [
@@ -106,6 +107,8 @@ def device_iteration(
         up.append(message.nbytes)
     for a, reply in zip(outputs, replies, strict=True):
         if reply.gradient is not None:
+            if not isinstance(reply.gradient, Gradient):
+                raise TypeError("a micro-batch of every channel gets their whole gradient")
             a.backward(reply.gradient.received())
     return IterationResult(
         float(torch.stack([r.loss for r in replies]).sum()),
@@ -133,7 +136,12 @@ class ServerReplica:
     at an iteration's first micro-batch and finishing after its last (a deployed server
     part); without one the gradients accumulate for the caller to step (in simulation,
     one optimiser steps the whole model). ``batch_size`` and ``activation_shape`` (one
-    example's activations at the cut), when given, bound what is accepted.
+    example's activations at the cut), when given, bound what is accepted. ``reply``
+    makes the gradient message from the activations message and the gradient at the cut
+    (default: a :class:`~roost.split.messages.Gradient` in the activations' dtype;
+    deprune's sends the kept channels' alone). A prune-mode message
+    (:class:`~roost.split.bottleneck.KeptActivations`) must keep exactly ``budget``
+    channels (when given), ids increasing below the cut's channel count.
 
     A message is checked before anything is computed (ValueError naming what was wrong):
     the micro-batches of a task come in order (iteration ``i``'s ``0 .. N-1``, then
@@ -151,8 +159,12 @@ class ServerReplica:
         stepper: Stepper | None = None,
         batch_size: int | None = None,
         activation_shape: tuple[int, ...] | None = None,
+        reply: Callable[[Any, torch.Tensor], Any] | None = None,
+        budget: int | None = None,
     ) -> None:
         self.server = server
+        self.reply = reply or _same_dtype_gradient
+        self.budget = budget
         self.num_classes = num_classes
         self.returns_gradient = returns_gradient
         self.stepper = stepper
@@ -197,7 +209,14 @@ class ServerReplica:
         ids = labels.to(torch.int64)
         if int(ids.max()) >= self.num_classes or int(ids.min()) < 0:
             raise ValueError(f"a label is not in 0 .. {self.num_classes - 1} (the classes)")
-        want_shape = (m, *self.activation_shape) if self.activation_shape is not None else None
+        shape = self.activation_shape
+        want_shape = (m, *shape) if shape is not None else None
+        if isinstance(message.activations, KeptActivations):
+            self._check_kept(message.activations)
+            b = len(message.activations.kept.indices)
+            want_shape = (m, b, *shape[1:]) if shape is not None else None
+        elif self.budget:
+            raise ValueError(f"this task sends {self.budget} kept channels, not all of them")
         if not values.is_floating_point() or (
             want_shape is not None and tuple(values.shape) != want_shape
         ):
@@ -205,6 +224,16 @@ class ServerReplica:
                 f"activations of shape {tuple(values.shape)} in {values.dtype}; expected "
                 f"{want_shape or 'a floating tensor'} in a floating dtype"
             )
+
+    def _check_kept(self, kept: KeptActivations) -> None:
+        ids = kept.kept.indices.to(torch.int64)
+        channels = self.activation_shape[0] if self.activation_shape else kept.kept.num_channels
+        if self.budget is not None and len(ids) != self.budget:
+            raise ValueError(f"{len(ids)} kept channels; this task keeps {self.budget}")
+        if len(ids) and (
+            bool((ids[1:] <= ids[:-1]).any()) or int(ids[0]) < 0 or int(ids[-1]) >= channels
+        ):
+            raise ValueError(f"kept channel ids must increase within 0 .. {channels - 1}")
 
     def answer(self, message: SplitExchange) -> SplitReply:
         """Check ``message``, forward and back-propagate its micro-batch, and answer."""
@@ -217,8 +246,7 @@ class ServerReplica:
         loss = F.cross_entropy(self.server(leaf), labels) / n
         loss.backward()
         assert leaf.grad is not None
-        dtype = message.activations.values.dtype
-        gradient = Gradient.of(leaf.grad, dtype) if self.returns_gradient else None
+        gradient = self.reply(message.activations, leaf.grad) if self.returns_gradient else None
         self._losses.append(loss.detach())
         self.answered += 1
         if j + 1 < n:
@@ -229,6 +257,11 @@ class ServerReplica:
                 self.stepper.finish(torch.stack(self._losses).sum())
             self._losses = []
         return SplitReply(loss.detach(), gradient)
+
+
+def _same_dtype_gradient(activations: Any, grad: torch.Tensor) -> Gradient:
+    """The default reply: the gradient in the activations' own (wire) dtype."""
+    return Gradient.of(grad, activations.values.dtype)
 
 
 def drive_iteration(

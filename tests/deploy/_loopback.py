@@ -50,13 +50,17 @@ class Parts:
 
 
 def parts(algorithm: str, params: dict[str, object], seed: int) -> Parts:
-    """Digits in 4 iid clients, the 16-unit MLP, ``algorithm`` with batch 10, lr 0.1 and
-    ``params``; the initial model drawn from ``seed``."""
+    """Digits in 4 iid clients, the 16-unit MLP (as the algorithm adapts it), ``algorithm``
+    with batch 10, lr 0.1 and ``params``; the initial model drawn from ``seed``."""
     data = build_dataset("digits", {}, "iid", {}, CLIENTS, seed)
     cfg = ALGORITHMS.config(algorithm, {"batch_size": 10, "lr": 0.1, **params})
     alg = ALGORITHMS.get(algorithm).factory(cfg)
     model = MODELS.config("mlp", {"hidden": (16,)})
-    build = functools.partial(build_model, "mlp", model, data.info)
+    plain = functools.partial(build_model, "mlp", model, data.info)
+
+    def build() -> Any:  # every process builds the model the algorithm trains
+        return alg.adapt_model(plain(), data.info)
+
     torch.manual_seed(seed)
     module = build()
     alg.bind_model(build())

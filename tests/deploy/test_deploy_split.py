@@ -93,3 +93,25 @@ def test_turn_taking_methods_deployed_equal_simulated(algorithm: str) -> None:
     sim = _simulated(run, algorithm, params)
     dep = deployed(run, algorithm, params)
     _same(sim, dep, 6)
+
+
+def test_deprune_deployed_equals_simulated() -> None:
+    """deprune's schedule in 3 rounds of one epoch: 4 of the bottleneck's 16 channels
+    kept, a gate reset, 2 kept, a reset, then all 16. In prune mode a message is the kept
+    channels in fp16 with their ids and its answer their float32 gradient alone; the
+    gate penalty is the node's. The run's model, losses and bytes are the simulation's."""
+    run = RunConfig(rounds=3, clients=CLIENTS, clients_per_round=CLIENTS, eval_every=0, seed=6)
+    params = {
+        "prune_1_budget": 4,
+        "prune_2_budget": 2,
+        "prune_1_epochs": 1,
+        "prune_2_epochs": 1,
+        "training_epochs": 1,
+    }
+    sim = _simulated(run, "deprune", params)
+    dep = deployed(run, "deprune", params)
+    _same(sim, dep, 3)
+    assert [r["client_kept_channels"] for r in dep.history.records] == [4, 2, 16]
+    for got, want in zip(dep.history.records, sim.history.records, strict=True):
+        assert got["bytes_up"] == want["bytes_up"]
+        assert got["client_gate_penalty"] == pytest.approx(want["client_gate_penalty"], abs=1e-6)

@@ -145,3 +145,34 @@ def test_a_node_refuses_an_answer_that_is_not_the_gradient_of_its_message() -> N
     with pytest.raises(MalformedMessage, match=r"holds \['gradient', 'loss'\]"):
         reply_from_wire({"loss": loss}, message, True)
     assert reply_from_wire({"loss": loss}, message, False).gradient is None
+
+
+def test_a_prune_mode_replica_takes_exactly_its_budget_of_increasing_channel_ids() -> None:
+    """deprune's replica in a round of b = 2 of 4 channels (2 x 2 maps): 2 ids that
+    increase below 4, values (m, 2, 2, 2); anything else is refused before the server
+    part runs; a message of all channels is refused too (this round prunes)."""
+    from torch import nn
+
+    from roost.split.bottleneck import KeptActivations, KeptChannels
+    from roost.split.step import ServerReplica
+
+    server = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    replica = ServerReplica(server, num_classes=3, activation_shape=(4, 2, 2), budget=2)
+    labels = torch.zeros(3, dtype=torch.uint8)
+
+    def kept(ids: list[int], b: int = 2) -> SplitExchange:
+        values = torch.ones(3, b, 2, 2, dtype=torch.float16)
+        channels = KeptChannels(values, torch.tensor(ids, dtype=torch.uint8), 4)
+        return SplitExchange(KeptActivations(channels, labels), 0, 0, 1)
+
+    with pytest.raises(ValueError, match="3 kept channels; this task keeps 2"):
+        replica.check(kept([0, 1, 2], b=3))
+    with pytest.raises(ValueError, match=r"ids must increase within 0 \.\. 3"):
+        replica.check(kept([2, 1]))
+    with pytest.raises(ValueError, match=r"ids must increase within 0 \.\. 3"):
+        replica.check(kept([1, 4]))
+    whole = SplitExchange(Activations(torch.ones(3, 4, 2, 2), labels), 0, 0, 1)
+    with pytest.raises(ValueError, match="sends 2 kept channels, not all of them"):
+        replica.check(whole)
+    reply = replica.answer(kept([1, 3]))
+    assert reply.gradient is not None and reply.gradient.values.shape == (3, 4, 2, 2)

@@ -17,7 +17,7 @@ Ditto's personal models, kept in client state on the nodes, are measured by the 
 The split-learning methods train the device part on the nodes and the server part on a
 replica per task on the server, with the activations and gradients of every micro-batch
 crossing the network (their bytes up are the device parts and those messages, which is
-what the simulation's plan counts); deprune does not deploy yet.
+what the simulation's plan counts; deprune's kept channels in its prune rounds).
 """
 
 from __future__ import annotations
@@ -50,6 +50,13 @@ SYNCHRONOUS = {
     "feddyn": {},
     "splitfed": {"micro_batches": 2},
     "pipar": {"cut": 2, "micro_batches": 2},
+    "deprune": {
+        "prune_1_budget": 4,
+        "prune_2_budget": 2,
+        "prune_1_epochs": 1,
+        "prune_2_epochs": 1,
+        "training_epochs": 1,
+    },
 }
 ASYNCHRONOUS = {
     "fedasync": {"concurrency": 1},

@@ -81,7 +81,12 @@ def test_bad_settings_name_what_is_allowed() -> None:
         client_task(alg, model, data, Payload(model.params.clone(), 0), 0, 1)
 
 
-def test_serving_deprune_is_refused_with_the_reason(tmp_path: Path) -> None:
+def test_serving_a_split_method_without_a_deployment_is_refused_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A method that splits the model but gives no ``split_serving`` (none of the shipped
+    ones: this one is deprune with its deployment taken away) is refused by ``roost
+    serve`` before anything starts, naming the algorithm."""
     pytest.importorskip("grpc")
     pytest.importorskip("cryptography")
     from roost.config import resolve
@@ -98,6 +103,9 @@ def test_serving_deprune_is_refused_with_the_reason(tmp_path: Path) -> None:
         "model": {"name": "mlp", "hidden": [64]},
         "algorithm": {"name": "deprune"},
     }
+    from roost.algorithms.deprune import Deprune
+
+    monkeypatch.setattr(Deprune, "split_serving", lambda self, build, info: None)
     options = ServeOptions(address="127.0.0.1:0", keys=keys)
     with pytest.raises(ConfigError, match=r"deploying it .* is not built yet for this method"):
         serve(resolve(tree), tmp_path / "run", options)
