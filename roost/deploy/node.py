@@ -17,12 +17,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from roost.algorithms.base import ClientResult
-from roost.deploy.client import RemoteRefusal
+from roost.deploy.client import NodeClient, RemoteRefusal
 from roost.deploy.coordinator import evaluation_to_wire, payload_from_wire, result_to_wire
 from roost.deploy.errors import WireError
 from roost.deploy.protocol import Exchange, RequestKind, TaskKind
@@ -39,13 +40,59 @@ from roost.runtime.local import LocalRuntime
 
 if TYPE_CHECKING:
     from roost.data.base import ClientData
-    from roost.deploy.client import NodeClient
     from roost.deploy.protocol import Task as WireTask
     from roost.deploy.tensors import WireValue
     from roost.split.messages import SplitExchange, SplitReply
     from roost.state.base import ClientStateStore
 
 __all__ = ["NodeWorker"]
+
+
+class _PendingReply:
+    """A split reply still on its way. The device's procedure reads a micro-batch's reply
+    only after it has forwarded the iteration's last one
+    (:func:`~roost.split.step.device_iteration`), so it forwards micro-batch ``j + 1``
+    while the network and the server work on ``j``: PiPar's pipeline, on a real node.
+    Reading ``loss``, ``gradient`` or ``nbytes`` waits for the answer (and raises what
+    the exchange raised)."""
+
+    def __init__(self, future: Future[SplitReply]) -> None:
+        self._future = future
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self._future.result().loss
+
+    @property
+    def gradient(self) -> Any:
+        return self._future.result().gradient
+
+    @property
+    def nbytes(self) -> int:
+        return self._future.result().nbytes
+
+
+class _SplitLink:
+    """A split task's messages to the server's replica: sent in order, one at a time, by
+    a thread of their own, each answered by a :class:`_PendingReply`."""
+
+    def __init__(self, client: NodeClient, task_id: str, trains: bool) -> None:
+        self.client, self.task_id, self.trains = client, task_id, trains
+        self._sender = ThreadPoolExecutor(1, thread_name_prefix=f"split-{task_id}")
+
+    def _exchange(self, message: SplitExchange) -> SplitReply:
+        fields, values = exchange_to_wire(message)
+        kind = RequestKind.SPLIT_ACTIVATIONS
+        answer = self.client.exchange(Exchange(self.task_id, kind, fields, values))
+        return reply_from_wire(answer.tensors, message, self.trains)
+
+    def send(self, message: SplitExchange) -> SplitReply:
+        return cast("SplitReply", _PendingReply(self._sender.submit(self._exchange, message)))
+
+    def close(self) -> None:
+        """Stop sending (a task that failed drops what was not sent yet)."""
+        self._sender.shutdown(wait=True, cancel_futures=True)
+
 
 log = logging.getLogger("roost.deploy")
 
@@ -134,9 +181,10 @@ class NodeWorker:
             key=self._keys,
             settings=tuple(sorted(task.settings.items())),
         )
-        tensors, server = task.payload, None
+        tensors, server, link = task.payload, None, None
         if self.split is not None:
-            tensors, server = self._split_task(task)
+            link = _SplitLink(self.client, task.task_id, self.split.device_trains(task.settings))
+            tensors, server = self._split_payload(task), link.send
         payload = payload_from_wire(tensors, task.model_version)
         start = time.perf_counter()
         if self.store is not None:
@@ -155,6 +203,8 @@ class NodeWorker:
             self.dropped += 1
             return False
         finally:
+            if link is not None:
+                link.close()
             if self.store is not None:
                 self.store.commit(self.step)
                 if self.on_commit is not None:
@@ -175,30 +225,18 @@ class NodeWorker:
         self._kept = (identity, wire)
         return self._push(task.task_id, wire)
 
-    def _split_task(
-        self, task: WireTask
-    ) -> tuple[dict[str, WireValue], Callable[[SplitExchange], SplitReply]]:
+    def _split_payload(self, task: WireTask) -> dict[str, WireValue]:
         """A split task's payload as the node's whole model (the server part's entries
-        zero) and the link that answers its procedure's messages over the network."""
+        zero)."""
         assert self.split is not None
         device = task.payload.get(DEVICE_PARAMS)
         if not isinstance(device, torch.Tensor):
             raise ValueError(
                 f"task {task.task_id} of a split method carries no {DEVICE_PARAMS!r} tensor"
             )
-        whole = self.split.whole_params(device, task.settings)
-        tensors: dict[str, WireValue] = {"params": whole}
+        tensors: dict[str, WireValue] = {"params": self.split.whole_params(device, task.settings)}
         tensors.update({k: v for k, v in task.payload.items() if k != DEVICE_PARAMS})
-        trains = self.split.device_trains(task.settings)
-        client = self.client
-
-        def server(message: SplitExchange) -> SplitReply:
-            fields, values = exchange_to_wire(message)
-            kind = RequestKind.SPLIT_ACTIVATIONS
-            answer = client.exchange(Exchange(task.task_id, kind, fields, values))
-            return reply_from_wire(answer.tensors, message, trains)
-
-        return tensors, server
+        return tensors
 
     def _evaluate(self, task: WireTask) -> bool:
         """Measure the personal model on the test split and push the three metrics."""

@@ -9,6 +9,7 @@ before the last iteration ended. A message resent after a lost answer is answere
 
 from __future__ import annotations
 
+import time
 import types
 
 import pytest
@@ -176,3 +177,37 @@ def test_a_prune_mode_replica_takes_exactly_its_budget_of_increasing_channel_ids
         replica.check(whole)
     reply = replica.answer(kept([1, 3]))
     assert reply.gradient is not None and reply.gradient.values.shape == (3, 4, 2, 2)
+
+
+def test_a_node_forwards_the_next_micro_batch_while_the_server_answers_this_one() -> None:
+    """The node's link returns at once and sends in order on its own thread: the device
+    procedure goes on with micro-batch j + 1 while j is on the network; reading a reply
+    waits for it. Here the 'server' holds every answer until released: both messages
+    are handed to the link, and the first is being sent, before any answer exists."""
+    import threading
+
+    from roost.deploy.node import _SplitLink
+    from roost.deploy.protocol import Answer
+
+    release, sent = threading.Event(), []
+
+    class Server:
+        def exchange(self, exchange: Exchange) -> Answer:
+            sent.append(exchange.fields["micro_batch"])
+            release.wait(10)
+            gradient = torch.full((5, 16), float(exchange.fields["micro_batch"]))
+            return Answer(0, {"loss": torch.ones(1), "gradient": gradient})
+
+    link = _SplitLink(Server(), "t", trains=True)  # type: ignore[arg-type]
+    labels = torch.zeros(5, dtype=torch.uint8)
+    replies = [
+        link.send(SplitExchange(Activations(torch.ones(5, 16), labels), 0, j, 2)) for j in (0, 1)
+    ]
+    deadline = time.monotonic() + 10
+    while not sent and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert sent == [0]  # the first is out; the second waits its turn, neither answered
+    release.set()
+    assert [float(r.gradient.values[0, 0]) for r in replies] == [0.0, 1.0]
+    assert sent == [0, 1]
+    link.close()
