@@ -45,7 +45,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -82,7 +82,7 @@ from roost.split.bottleneck import (
     reset_gates,
     top_b_mask,
 )
-from roost.split.messages import SplitExchange, SplitReply
+from roost.split.messages import WIRE_DTYPES, SplitExchange, SplitReply
 from roost.split.plan import DeviceLink, SplitPlan
 from roost.split.step import ServerReplica, Stepper
 
@@ -98,13 +98,18 @@ class DepruneConfig(SplitFedConfig):
     prune_1_epochs, prune_2_budget, prune_2_epochs, training_epochs: the phases; lr,
     boost_lr, boost_epochs: their learning rates (prune: lr after ``boost_epochs`` at
     boost_lr in every prune phase); training_lr, training_momentum: prune's first,
-    normal phase; right_side_value: the gate reset's range; eps, delta: the penalty's."""
+    normal phase; right_side_value: the gate reset's range; eps, delta: the penalty's;
+    wire_dtype: ``schedule`` (the default), each phase's own as the reference sends it
+    (float16, except float32 in prune's first, normal phase), or one of float32, float16,
+    bfloat16 for every phase."""
+
+    WIRE_CHOICES: ClassVar[tuple[str, ...]] = ("schedule", *WIRE_DTYPES)
 
     schedule: Literal["deprune", "prune"] = "deprune"
     batch_size: int = 16
     lr: float = 1e-2
     weight_decay: float = 5e-4
-    wire_dtype: str = "float16"
+    wire_dtype: str = "schedule"
     feature_compression: int = 1
     resolution_compression: int = 1
     prune_1_budget: int = 16
@@ -143,7 +148,15 @@ class DepruneConfig(SplitFedConfig):
             raise ConfigError("algorithm", self.schedule, str(err)) from None
 
     def phases(self) -> PhaseSchedule:
-        """The configured schedule."""
+        """The configured schedule, every phase in ``wire_dtype`` unless it is
+        ``schedule``."""
+        schedule = self._schedule()
+        if self.wire_dtype == "schedule":
+            return schedule
+        phases = tuple(dataclasses.replace(p, wire=self.wire_dtype) for p in schedule.phases)
+        return dataclasses.replace(schedule, phases=phases)
+
+    def _schedule(self) -> PhaseSchedule:
         if self.schedule == "deprune":
             return deprune_schedule(
                 prune_1_budget=self.prune_1_budget,

@@ -92,6 +92,8 @@ class SplitFedConfig(FedAvgConfig):
     AUTOMATIC: ClassVar[str] = "half of the model's"
     """What ``cut=0`` means (and, when it names a choice, ``micro_batches=0`` too)."""
     AUTOMATIC_MICRO_BATCHES: ClassVar[bool] = False
+    WIRE_CHOICES: ClassVar[tuple[str, ...]] = tuple(WIRE_DTYPES)
+    """The values ``wire_dtype`` may take."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -112,10 +114,10 @@ class SplitFedConfig(FedAvgConfig):
             + (f" (0: {self.AUTOMATIC})" if low == 0 else ""),
         )
         check(
-            self.wire_dtype in WIRE_DTYPES,
+            self.wire_dtype in self.WIRE_CHOICES,
             "wire_dtype",
             self.wire_dtype,
-            f"one of {', '.join(WIRE_DTYPES)}",
+            f"one of {', '.join(self.WIRE_CHOICES)}",
         )
 
 

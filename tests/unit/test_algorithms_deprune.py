@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from _fl_helpers import make_clients
@@ -13,7 +14,7 @@ from torch import nn
 
 from roost.algorithms import Deprune, DepruneConfig
 from roost.algorithms.base import Payload
-from roost.algorithms.deprune import phase_of
+from roost.algorithms.deprune import DepruneStrategy, phase_of
 from roost.data.base import DatasetInfo
 from roost.params import FlatModel
 from roost.registry import ConfigError
@@ -209,3 +210,21 @@ def test_the_prune_schedule_trains_first_then_prunes() -> None:
     )
     third, epoch, _ = phase_of(schedule, 3)
     assert (third.mode, third.budget, third.lrs[epoch]) == ("prune", 3, 5e-2)
+
+
+def test_wire_dtype_sets_every_phase_and_schedule_keeps_the_references() -> None:
+    """``wire_dtype=schedule`` (the default) keeps each phase's own dtype: fp16 in all of
+    deprune's, float32 in prune's first, normal phase and fp16 in its prune phases (the
+    reference's ``train`` and ``pruneTrain``); a dtype given applies to every phase and
+    reaches every task's settings (it was accepted and then ignored before)."""
+    assert {p.wire for p in DepruneConfig().phases().phases} == {"float16"}
+    prune = DepruneConfig(schedule="prune").phases().phases
+    assert [p.wire for p in prune] == ["float32", "float16", "float16"]
+    wide = DepruneConfig(schedule="prune", wire_dtype="float32")
+    assert {p.wire for p in wide.phases().phases} == {"float32"}
+    strategy = DepruneStrategy(wide.phases(), torch.arange(2), 2)
+    for round in (1, 60, 70):  # normal, first prune, second prune
+        (settings,) = strategy.configure_tasks(round, [0], np.random.default_rng(0)).values()
+        assert settings["wire_dtype"] == "float32"
+    with pytest.raises(ConfigError, match="one of schedule, float32, float16, bfloat16"):
+        DepruneConfig(wire_dtype="int8")
