@@ -72,6 +72,7 @@ def test_splitfed_deployed_equals_simulated() -> None:
         assert got["bytes_up"] == want["bytes_up"] == sum(per_task)
 
 
+@pytest.mark.slow  # test_same_code.py serves PiPar in the default run
 def test_pipar_deployed_keeps_both_halves_momentum() -> None:
     """PiPar with momentum 0.9 over 3 rounds: the device part's momentum lives in each
     node's client state, the server part's on the server per client; a lost buffer on
@@ -84,6 +85,7 @@ def test_pipar_deployed_keeps_both_halves_momentum() -> None:
     assert sorted(dep.coordinator.split._momentum) == list(range(CLIENTS))
 
 
+@pytest.mark.slow  # test_same_code.py serves both in the default run
 @pytest.mark.parametrize("algorithm", ["vanilla_sl", "splitfed_v2"])
 def test_turn_taking_methods_deployed_equal_simulated(algorithm: str) -> None:
     """Vanilla split learning and SplitFed v2: one device at a time, 6 turns; each turn's

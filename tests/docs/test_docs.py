@@ -21,7 +21,7 @@ Each markdown file is executed top to bottom in a fresh temporary directory:
 * a ```` ```console slow ```` block holds commands that take minutes (the experiments of
   docs/experiments.md). The default test skips it; :func:`test_slow_examples_in_the_doc_run`
   (marked ``slow``, run by .ci/run) runs such a doc top to bottom with its slow blocks
-  included; docs/experiments.md's (about 90 minutes) also carry ``experiment`` and run only
+  included; docs/experiments.md's (about 3 hours) also carry ``experiment`` and run only
   with ``pytest -m experiment``.
 """
 
@@ -212,7 +212,7 @@ def test_every_example_in_the_doc_runs(doc, tmp_path, monkeypatch, isolated_regi
 
 
 def _slow_doc_param(doc: Path) -> object:
-    """docs/experiments.md's blocks take about 90 minutes: marked ``experiment`` as well,
+    """docs/experiments.md's blocks take about 3 hours: marked ``experiment`` as well,
     so that .ci/run's slow pass leaves them to a run by hand (``pytest -m experiment``)."""
     marks = [pytest.mark.experiment] if doc.name == "experiments.md" else []
     return pytest.param(doc, marks=marks, id=doc.name)
