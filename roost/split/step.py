@@ -170,7 +170,7 @@ class ServerReplica:
         self.stepper = stepper
         self.batch_size = batch_size
         self.activation_shape = activation_shape
-        self.iteration = 0  # the iteration of the next micro-batch
+        self.iteration = 0  # the iteration of the next micro-batch due
         self.micro_batch = 0  # and its index in it
         self.micro_batches = 0  # N of the iteration in progress (0: none is)
         self.answered = 0
@@ -178,20 +178,16 @@ class ServerReplica:
 
     def expects(self, iteration: int, micro_batch: int) -> bool:
         """Whether ``(iteration, micro_batch)`` is the next micro-batch in order."""
-        if self.micro_batches == 0:  # between iterations: the next one's first
-            return micro_batch == 0 and iteration in (self.iteration, self.iteration + 1)
         return (iteration, micro_batch) == (self.iteration, self.micro_batch)
 
     def check(self, message: SplitExchange) -> None:
         """ValueError unless ``message`` is acceptable now (class docstring)."""
         i, j, n = message.iteration, message.micro_batch, message.micro_batches
         if not self.expects(i, j):
-            want = (
-                f"iteration {self.iteration}'s micro-batch {self.micro_batch}"
-                if self.micro_batches
-                else f"micro-batch 0 of iteration {self.iteration} or {self.iteration + 1}"
+            raise ValueError(
+                f"got iteration {i}'s micro-batch {j}; expected iteration "
+                f"{self.iteration}'s micro-batch {self.micro_batch}"
             )
-            raise ValueError(f"got iteration {i}'s micro-batch {j}; expected {want}")
         if self.micro_batches and n != self.micro_batches:
             raise ValueError(f"iteration {i} has {self.micro_batches} micro-batches, not {n}")
         m = message.examples
@@ -251,8 +247,8 @@ class ServerReplica:
         self.answered += 1
         if j + 1 < n:
             self.iteration, self.micro_batch, self.micro_batches = i, j + 1, n
-        else:  # the iteration is over
-            self.iteration, self.micro_batch, self.micro_batches = i, 0, 0
+        else:  # the iteration is over: the next one's first micro-batch is due
+            self.iteration, self.micro_batch, self.micro_batches = i + 1, 0, 0
             if self.stepper is not None:
                 self.stepper.finish(torch.stack(self._losses).sum())
             self._losses = []

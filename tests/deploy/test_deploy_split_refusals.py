@@ -106,8 +106,8 @@ def test_messages_the_task_cannot_take_are_refused_with_the_reason(served) -> No
     _refused(s, "NonFinite", "NaN", activations=nan)
     _refused(s, "ResultRefused", r"a label is not in 0 \.\. 9",
              labels=torch.tensor([0, 1, 2, 3, 10], dtype=torch.uint8))  # fmt: skip
-    _refused(s, "ResultRefused", "expected micro-batch 0 of iteration 0 or 1",
-             fields={**FIELDS, "iteration": 5})  # fmt: skip
+    _refused(s, "ResultRefused", "expected iteration 0's micro-batch 0",
+             fields={**FIELDS, "iteration": 1})  # fmt: skip
     _refused(s, "MalformedMessage", "'examples'",
              fields={k: v for k, v in FIELDS.items() if k != "examples"})  # fmt: skip
     _refused(s, "ResultRefused", r"N m <= the batch size 10",
@@ -120,6 +120,9 @@ def test_messages_the_task_cannot_take_are_refused_with_the_reason(served) -> No
     device = torch.zeros(64 * 16 + 16)
     with pytest.raises(RemoteRefusal, match="iteration 0 is not over"):
         s.client.push_result(Result(s.task.task_id, {DEVICE_PARAMS: device}, 1.0))
+    # once iteration 0 is over, its micro-batches are not taken again
+    _send(s, fields={**FIELDS, "micro_batch": 1})
+    _refused(s, "ResultRefused", "expected iteration 1's micro-batch 0")
 
 
 def test_an_exchange_for_a_task_that_does_not_split_is_refused(served) -> None:  # type: ignore[no-untyped-def]
