@@ -26,6 +26,7 @@ import logging
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from roost.clock import WallClock
 from roost.config import ResolvedConfig, apply_overrides, resolve
 from roost.engine import History
 from roost.engine.remote import RemoteFleet
+from roost.errors import RoostWarning
 from roost.registry import ConfigError
 from roost.runner import RemoteFactory
 
@@ -138,6 +140,14 @@ def _serve_remote(
         if algorithm.splits_the_model:  # the server part's replicas run here
             parts = build_parts(cfg)
             split = parts.algorithm.split_serving(parts.build_module, parts.dataset.info)
+            if resumed_step is not None and split is not None and split.keeps_momentum:
+                warnings.warn(
+                    f"{cfg.name('algorithm')} keeps each client's SGD momentum of the server "
+                    "part in the server's memory, which a restart lost: it starts again "
+                    "from zero, so this resumed run is not the uninterrupted one",
+                    RoostWarning,
+                    stacklevel=2,
+                )
         coordinator = EngineCoordinator(
             clock,
             num_clients,

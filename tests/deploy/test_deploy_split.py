@@ -19,6 +19,8 @@ import pytest
 pytest.importorskip("grpc")
 pytest.importorskip("cryptography")
 
+from pathlib import Path
+
 from _loopback import CLIENTS, deployed, engine, parts
 
 from roost.config import RunConfig
@@ -117,3 +119,30 @@ def test_deprune_deployed_equals_simulated() -> None:
     for got, want in zip(dep.history.records, sim.history.records, strict=True):
         assert got["bytes_up"] == want["bytes_up"]
         assert got["client_gate_penalty"] == pytest.approx(want["client_gate_penalty"], abs=1e-6)
+
+
+def test_resuming_a_served_pipar_run_warns_that_the_server_momentum_restarts(
+    tmp_path: Path,
+) -> None:
+    """PiPar's server-half momentum lives in the server's memory (not in the checkpoint or
+    the journal): ``roost serve --resume`` says so instead of resuming silently. The run
+    resumed here has finished, so nothing else happens."""
+    from roost.config import resolve
+    from roost.deploy.keys import make_federation
+    from roost.deployment import ServeOptions, serve
+    from roost.errors import RoostWarning
+    from roost.runner import run
+
+    tree = {
+        "rounds": 1,
+        "clients": 2,
+        "clients_per_round": 2,
+        "data": {"name": "digits"},
+        "model": {"name": "mlp", "hidden": [8]},
+        "algorithm": {"name": "pipar", "cut": 2, "micro_batches": 1, "batch_size": 10},
+    }
+    run(resolve(tree), tmp_path / "run")
+    make_federation(tmp_path / "keys", 1)
+    options = ServeOptions(address="127.0.0.1:0", keys=tmp_path / "keys")
+    with pytest.warns(RoostWarning, match="momentum of the server part .* starts again"):
+        serve(None, tmp_path / "run", options, resume=True)
