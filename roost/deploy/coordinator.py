@@ -307,6 +307,7 @@ class _SplitFlight:
 
     task: SplitTaskLike
     model_version: int
+    sent_bytes: int = 0  # the task's payload: the device part (and any extras)
     lock: threading.Lock = field(default_factory=threading.Lock)
     last: tuple[tuple[int, int], str, Answer] | None = None
 
@@ -503,8 +504,11 @@ class EngineCoordinator:
             del wire["params"]
             wire[DEVICE_PARAMS] = device
             result_spec = {DEVICE_PARAMS: TensorSpec("float32", (device.numel(),))}
+            sent = sum(
+                v.numel() * v.element_size() for v in wire.values() if isinstance(v, torch.Tensor)
+            )
             split = _SplitFlight(
-                self.split.open(flight.client_id, payload, settings), flight.task.version
+                self.split.open(flight.client_id, payload, settings), flight.task.version, sent
             )
         spec = TaskSpec(
             task_id,
@@ -854,7 +858,10 @@ class EngineCoordinator:
         if split is not None:
             result = _joined(result, split.task)
         client_result, metrics, compute_s = result_from_wire(result, payload, self.decode_upload)
-        delivery = Delivery(client_result, metrics, compute_s, result.wire.payload_bytes or None)
+        down = split.sent_bytes + split.task.bytes_down if split is not None else None
+        delivery = Delivery(
+            client_result, metrics, compute_s, result.wire.payload_bytes or None, down
+        )
         with self._work:  # results wait here, not in memory, until the engine has room
             while len(self._deliveries) >= self.max_waiting_results and not self._finished:
                 self._work.wait(1.0)

@@ -54,7 +54,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS results (
     task_id TEXT PRIMARY KEY, after_step INTEGER NOT NULL, tensors BLOB NOT NULL,
     weight REAL NOT NULL, scalars TEXT NOT NULL, metrics TEXT NOT NULL,
-    compute_s REAL NOT NULL, upload_bytes INTEGER);
+    compute_s REAL NOT NULL, upload_bytes INTEGER, download_bytes INTEGER);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, after_step INTEGER NOT NULL,
     kind TEXT NOT NULL, key INTEGER NOT NULL, task_id TEXT);
@@ -103,6 +103,8 @@ class Journal:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(results)")}
         if "upload_bytes" not in columns:  # a journal written before results counted bytes
             self._db.execute("ALTER TABLE results ADD COLUMN upload_bytes INTEGER")
+        if "download_bytes" not in columns:  # ... or before split tasks counted theirs
+            self._db.execute("ALTER TABLE results ADD COLUMN download_bytes INTEGER")
         self.after_step = 0
 
     def close(self) -> None:
@@ -137,11 +139,12 @@ class Journal:
                 json.dumps(delivery.metrics),
                 float(delivery.compute_s),
                 delivery.upload_bytes,
+                delivery.download_bytes,
             )
             self._db.execute("PRAGMA synchronous=FULL")
             try:
                 self._db.execute(
-                    "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row
+                    "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row
                 )
             finally:
                 self._db.execute("PRAGMA synchronous=NORMAL")
@@ -230,16 +233,17 @@ class Journal:
         """The accepted result of ``task_id``, or None."""
         with self._lock:
             row = self._db.execute(
-                "SELECT tensors, weight, scalars, metrics, compute_s, upload_bytes FROM results "
-                "WHERE task_id = ?",
+                "SELECT tensors, weight, scalars, metrics, compute_s, upload_bytes, "
+                "download_bytes FROM results WHERE task_id = ?",
                 (task_id,),
             ).fetchone()
         if row is None:
             return None
-        tensors, weight, scalars, metrics, compute_s, upload_bytes = row
+        tensors, weight, scalars, metrics, compute_s, upload_bytes, download_bytes = row
         result = ClientResult(_unpack(tensors), float(weight), json.loads(scalars))
         up = None if upload_bytes is None else int(upload_bytes)
-        return Delivery(result, json.loads(metrics), float(compute_s), up)
+        down = None if download_bytes is None else int(download_bytes)
+        return Delivery(result, json.loads(metrics), float(compute_s), up, down)
 
     def result_ids(self) -> set[str]:
         with self._lock:

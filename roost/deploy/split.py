@@ -57,6 +57,7 @@ class SplitTaskLike(Protocol):
     (:class:`~roost.algorithms.split_serving.SplitTask`)."""
 
     bytes_up: int
+    bytes_down: int
     channels: int
 
     def answer(self, message: SplitExchange) -> SplitReply: ...

@@ -442,6 +442,8 @@ class Engine:
         flight.end_s = now
         if delivery.upload_bytes is not None:
             flight.up_bytes = delivery.upload_bytes
+        if delivery.download_bytes is not None:
+            flight.down_bytes = delivery.download_bytes
         self.flights.computed[flight.key] = Computed(contribution, delivery.metrics, None)
 
     def answer_remote(self, flight: Flight, payload: Payload) -> None:

@@ -43,13 +43,16 @@ class Delivery:
     weight and scalars (the engine folds them exactly as the local runtime folds a task),
     the client's metrics (``train_loss`` ...), the seconds the node measured for its
     compute and, when known, the bytes its tensors took on the wire (they replace the
-    task's predicted upload size in the run's ``bytes_up``). A task with no delivery by
+    task's predicted upload size in the run's ``bytes_up``), and the bytes the node was
+    sent for it (``download_bytes``: a split-learning task's device part and gradients;
+    they replace the predicted download in ``bytes_down``). A task with no delivery by
     its deadline is lost."""
 
     result: ClientResult
     metrics: dict[str, float]
     compute_s: float = 0.0
     upload_bytes: int | None = None
+    download_bytes: int | None = None
 
 
 @dataclass(frozen=True)

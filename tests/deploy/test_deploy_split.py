@@ -40,6 +40,9 @@ def _same(sim, dep, records: int) -> None:  # type: ignore[no-untyped-def]
         assert got["clients"] == want["clients"]
         assert got["train_loss"] == pytest.approx(want["train_loss"], abs=1e-6)
         assert got["client_cut_bytes_up"] == want["client_cut_bytes_up"]
+        # sent to the nodes, measured by the server: the device parts and every gradient
+        # message, which is what the simulation's plan counts
+        assert got["bytes_down"] == want["bytes_down"]
     assert not dep.coordinator._split  # every replica was released
 
 

@@ -214,3 +214,34 @@ def test_a_node_forwards_the_next_micro_batch_while_the_server_answers_this_one(
     assert [float(r.gradient.values[0, 0]) for r in replies] == [0.0, 1.0]
     assert sent == [0, 1]
     link.close()
+
+
+def test_the_journal_keeps_a_deliverys_bytes_both_ways_and_migrates_old_journals(
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    """A split task's delivery carries the bytes sent to its node (device part and
+    gradients): the journal keeps them, so a resumed run counts them as the live one did;
+    a journal made before the column existed gains it; a delivery without them reads
+    None (the predicted download counts)."""
+    import sqlite3
+
+    from roost.algorithms.base import ClientResult
+    from roost.deploy.journal import Journal
+    from roost.engine.remote import Delivery
+
+    old = tmp_path / "old.sqlite"
+    with sqlite3.connect(old) as db:  # the results table as the previous version made it
+        db.execute(
+            "CREATE TABLE results (task_id TEXT PRIMARY KEY, after_step INTEGER NOT NULL, "
+            "tensors BLOB NOT NULL, weight REAL NOT NULL, scalars TEXT NOT NULL, "
+            "metrics TEXT NOT NULL, compute_s REAL NOT NULL, upload_bytes INTEGER)"
+        )
+    journal = Journal(old)
+    result = ClientResult({"params": torch.ones(3)}, 2.0)
+    journal.add_result("t-1", Delivery(result, {"train_loss": 0.5}, 0.1, 160, 4280))
+    journal.add_result("t-2", Delivery(result, {}, 0.1, 12))
+    got = journal.result("t-1")
+    assert got is not None and (got.upload_bytes, got.download_bytes) == (160, 4280)
+    other = journal.result("t-2")
+    assert other is not None and other.download_bytes is None
+    journal.close()
