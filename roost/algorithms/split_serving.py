@@ -52,7 +52,7 @@ class SplitTask:
         model: FlatModel,
         replica: ServerReplica,
         stepper: SGDStepper,
-        on_join: Callable[[torch.Tensor | None], None],
+        on_keep: Callable[[torch.Tensor | None], None],
         wire: torch.dtype = torch.float32,
     ) -> None:
         self.layout = layout
@@ -60,7 +60,7 @@ class SplitTask:
         self.model = model
         self.replica = replica
         self.stepper = stepper
-        self._on_join = on_join
+        self._on_keep = on_keep
         self.bytes_up = 0  # activations and labels received
         self.bytes_down = 0  # gradients sent
 
@@ -110,9 +110,13 @@ class SplitTask:
                 f"{self.replica.micro_batch} of {self.replica.micro_batches} never came"
             )
         _, server = self.layout.split(self.model.params)
-        buf = self.stepper.buf
-        self._on_join(self.layout.split(buf)[1].clone() if buf is not None else None)
         return self.layout.join(device_params.to(torch.float32), server)
+
+    def keep_state(self) -> None:
+        """The task's update was accepted: keep what the server part carries to the
+        client's next task (PiPar's momentum), as the simulation keeps client state."""
+        buf = self.stepper.buf
+        self._on_keep(self.layout.split(buf)[1].clone() if buf is not None else None)
 
 
 class SplitServing:

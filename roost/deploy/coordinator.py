@@ -873,6 +873,8 @@ class EngineCoordinator:
             self._deliveries[key] = delivery
             self._payloads.pop(key, None)
             self._tasks_of.get(node_id, set()).discard(key)
+        if split is not None:  # accepted: what its server part carries on is kept
+            split.task.keep_state()
         self.clock.schedule(self.clock.now, ("task", key), ARRIVAL)
         return Ack(True)
 
