@@ -58,7 +58,6 @@ from roost.algorithms.base import (
     Strategy,
     Tensors,
     UpdateOutput,
-    drive,
     register_algorithm,
 )
 from roost.algorithms.fedavg import FedAvgStrategy
@@ -84,7 +83,6 @@ from roost.split.bottleneck import (
 )
 from roost.split.messages import WIRE_DTYPES, SplitExchange, SplitReply
 from roost.split.plan import DeviceLink, SplitPlan
-from roost.split.step import ServerReplica, Stepper
 
 __all__ = ["Deprune", "DepruneConfig", "DepruneStrategy"]
 
@@ -373,40 +371,18 @@ class Deprune(SplitFed):
             smallest_batch=self._smallest_batch,
         )
 
-    def update(
-        self,
-        ctx: ClientContext,
-        model: FlatModel,
-        data: ClientData,
-        payload: Payload,
-        state: Tensors | None,
-    ) -> UpdateOutput:
-        """The device's procedure (:meth:`device_procedure`), its messages answered by
-        ``ctx.server`` (deployed) or by a replica of this same model's server part."""
-        procedure = self.device_procedure(ctx, model, data, payload, state)
-        if ctx.server is not None:
-            return drive(procedure, ctx.server)
+    def _server_part(
+        self, ctx: ClientContext, model: FlatModel, data: ClientData
+    ) -> tuple[nn.Module, int, bool]:
+        """The part after the encoder (the decoder and the rest)."""
         module = model.module
         parts = cut_module(module, _encoder_at(module) + 1)
-        replica = self.server_replica(
-            parts.server, ctx.settings, num_classes=_num_classes(module, data), trains=True
-        )
-        return drive(procedure, replica.answer)
+        return parts.server, _num_classes(module, data), True
 
-    def server_replica(
-        self,
-        server: nn.Module,
-        settings: Mapping[str, Any],
-        *,
-        num_classes: int,
-        trains: bool,
-        stepper: Stepper | None = None,
-        batch_size: int | None = None,
-        activation_shape: tuple[int, ...] | None = None,
-    ) -> ServerReplica:
-        """The replica of a task in the phase of ``settings``: it expects the phase's
-        ``b`` kept channels (all of them in normal mode) and answers with their float32
-        gradient, on the kept channels alone in prune mode when ``masked_backward``."""
+    def _reply_rule(self, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """The round's phase: the replica expects its ``b`` kept channels (all of them in
+        normal mode) and answers with their float32 gradient, on the kept channels alone
+        in prune mode when ``masked_backward``."""
         masked = bool(settings.get("masked_backward", True))
 
         def reply(sent: Any, grad: torch.Tensor) -> Gradient | KeptGradient:
@@ -414,16 +390,7 @@ class Deprune(SplitFed):
                 return KeptGradient.of(grad, sent.kept)
             return Gradient.of(grad, torch.float32)  # z = z' ⊙ m masks it in the chain rule
 
-        return ServerReplica(
-            server,
-            num_classes=num_classes,
-            returns_gradient=trains,
-            stepper=stepper,
-            batch_size=batch_size,
-            activation_shape=activation_shape,
-            reply=reply,
-            budget=int(settings.get("budget", 0)),
-        )
+        return {"reply": reply, "budget": int(settings.get("budget", 0))}
 
     def device_procedure(
         self,

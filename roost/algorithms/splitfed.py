@@ -224,11 +224,17 @@ class SplitFed(Algorithm):
         procedure = self.device_procedure(ctx, model, data, payload, state)
         if ctx.server is not None:
             return drive(procedure, ctx.server)
-        parts, num_classes = self._split(model, data.x, self.task_config(ctx))
-        replica = self.server_replica(
-            parts.server, ctx.settings, num_classes=num_classes, trains=_trains(parts.device)
-        )
+        server, num_classes, trains = self._server_part(ctx, model, data)
+        replica = self.server_replica(server, ctx.settings, num_classes=num_classes, trains=trains)
         return drive(procedure, replica.answer)
+
+    def _server_part(
+        self, ctx: ClientContext, model: FlatModel, data: ClientData
+    ) -> tuple[nn.Module, int, bool]:
+        """The task's server part of the resident ``model``, the number of classes, and
+        whether the device part trains (a gradient goes back)."""
+        parts, num_classes = self._split(model, data.x, self.task_config(ctx))
+        return parts.server, num_classes, _trains(parts.device)
 
     def server_replica(
         self,
@@ -241,8 +247,8 @@ class SplitFed(Algorithm):
         batch_size: int | None = None,
         activation_shape: tuple[int, ...] | None = None,
     ) -> ServerReplica:
-        """The server part's replica for a task with ``settings``: answers with the
-        gradient in the wire dtype (none when the device part does not ``trains``)."""
+        """The server part's replica for a task with ``settings`` (none goes back when
+        the device part does not ``trains``), answering as :meth:`_reply_rule` says."""
         return ServerReplica(
             server,
             num_classes=num_classes,
@@ -250,7 +256,13 @@ class SplitFed(Algorithm):
             stepper=stepper,
             batch_size=batch_size,
             activation_shape=activation_shape,
+            **self._reply_rule(settings),
         )
+
+    def _reply_rule(self, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """:class:`ServerReplica`'s ``reply`` and ``budget`` for a task with
+        ``settings``; none here: the gradient in the wire dtype, every channel."""
+        return {}
 
     def device_procedure(
         self,

@@ -139,6 +139,42 @@ def _reply(ack: Ack, task_id: str) -> bytes:
     ).SerializeToString()
 
 
+def _stream_header(
+    name: str, frame_type: Any, frames: Iterator[bytes], digest: BodyDigest
+) -> tuple[Any, int]:
+    """A client stream's header frame (hashed into ``digest``) and its size in bytes."""
+    first = next(frames, None)
+    if first is None:
+        raise MalformedMessage(f"{name} stream with no frame")
+    digest.update(first)
+    frame = parse(frame_type, first)
+    if frame.WhichOneof("frame") != "header":
+        raise MalformedMessage(f"{name}'s first frame is not a header")
+    return frame.header, len(first)
+
+
+def _stream_body(
+    name: str,
+    frame_type: Any,
+    frames: Iterator[bytes],
+    digest: BodyDigest,
+    decoder: Decoder,
+    first_bytes: int,
+) -> WireStats:
+    """A client stream's chunk frames after its header, each hashed into ``digest`` and
+    fed to ``decoder``; what the whole stream cost."""
+    message_bytes, chunks = first_bytes, 0
+    for raw in frames:
+        digest.update(raw)
+        message_bytes += len(raw)
+        frame = parse(frame_type, raw)
+        if frame.WhichOneof("frame") != "chunk":
+            raise MalformedMessage(f"{name} frame after the header is not a chunk")
+        decoder.add(frame.chunk)
+        chunks += 1
+    return WireStats(decoder.received_bytes, message_bytes, chunks)
+
+
 class DeployServicer:
     """The handlers of ``roost.deploy.v1.Deploy`` (see the module docstring)."""
 
@@ -302,14 +338,7 @@ class DeployServicer:
         caller = self._caller("PushResult", context, None)
         digest = BodyDigest()
         frames = iter(request_iterator)
-        first = next(frames, None)
-        if first is None:
-            raise MalformedMessage("PushResult stream with no frame")
-        digest.update(first)
-        frame = parse(pb.ResultFrame, first)
-        if frame.WhichOneof("frame") != "header":
-            raise MalformedMessage("PushResult's first frame is not a header")
-        h = frame.header
+        h, first_bytes = _stream_header("PushResult", pb.ResultFrame, frames, digest)
         self._check_node(caller, h.node_id)
         node_id, task_id = caller.node_id, h.task_id
         duplicate = self.tasks.peek(node_id, task_id, caller.body_sha256)
@@ -322,17 +351,8 @@ class DeployServicer:
             raise MalformedMessage(f"result weight is {h.weight}; it must be >= 0")
         metrics = read_metrics(h.metrics)
         decoder = Decoder(h.result, self.result_limits, self.tasks.result_spec(node_id, task_id))
-        message_bytes, chunks = len(first), 0
-        for raw in frames:
-            digest.update(raw)
-            message_bytes += len(raw)
-            frame = parse(pb.ResultFrame, raw)
-            if frame.WhichOneof("frame") != "chunk":
-                raise MalformedMessage("PushResult frame after the header is not a chunk")
-            decoder.add(frame.chunk)
-            chunks += 1
+        wire = _stream_body("PushResult", pb.ResultFrame, frames, digest, decoder, first_bytes)
         self.verifier.check_body(caller, digest.hexdigest())
-        wire = WireStats(decoder.received_bytes, message_bytes, chunks)
         result = Result(task_id, decoder.finish(), h.weight, metrics, wire)
         duplicate = self.tasks.begin_delivery(node_id, task_id, caller.body_sha256)
         if duplicate is not None:
@@ -365,14 +385,7 @@ class DeployServicer:
         caller = self._caller("Exchange", context, None)
         digest = BodyDigest()
         frames = iter(request_iterator)
-        first = next(frames, None)
-        if first is None:
-            raise MalformedMessage("Exchange stream with no frame")
-        digest.update(first)
-        frame = parse(pb.ExchangeFrame, first)
-        if frame.WhichOneof("frame") != "header":
-            raise MalformedMessage("Exchange's first frame is not a header")
-        h = frame.header
+        h, first_bytes = _stream_header("Exchange", pb.ExchangeFrame, frames, digest)
         self._check_node(caller, h.node_id)
         kind = enum_member(RequestKind, h.kind, "request kind")
         if kind is not RequestKind.SPLIT_ACTIVATIONS:
@@ -385,17 +398,8 @@ class DeployServicer:
         fields = read_settings(h.fields, "fields")
         spec = self.coordinator.exchange_spec(node_id, task_id, kind, fields)
         decoder = Decoder(h.payload, self.result_limits, spec)
-        message_bytes, chunks = len(first), 0
-        for raw in frames:
-            digest.update(raw)
-            message_bytes += len(raw)
-            frame = parse(pb.ExchangeFrame, raw)
-            if frame.WhichOneof("frame") != "chunk":
-                raise MalformedMessage("Exchange frame after the header is not a chunk")
-            decoder.add(frame.chunk)
-            chunks += 1
+        wire = _stream_body("Exchange", pb.ExchangeFrame, frames, digest, decoder, first_bytes)
         self.verifier.check_body(caller, digest.hexdigest())
-        wire = WireStats(decoder.received_bytes, message_bytes, chunks)
         exchange = Exchange(task_id, kind, fields, decoder.finish(), caller.body_sha256, wire)
         return self.coordinator.exchange(node_id, exchange), task_id, kind
 
