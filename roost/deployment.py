@@ -341,16 +341,26 @@ def _node_worker(
 ) -> tuple[NodeWorker, int]:
     """The node's worker for ``cfg`` holding client ``data_client`` of its data, and how
     many examples that client has."""
+    import torch
+
     from roost.deploy.node import NodeWorker
     from roost.params import ParamLayout
     from roost.runtime.base import Job
     from roost.runtime.capture import CapturingAlgorithm
     from roost.runtime.local import LocalRuntime, LocalRuntimeConfig
+    from roost.runtime.threads import default_threads
     from roost.state import make_state_store
     from roost.track.files import atomic_write_bytes
 
     parts = build_parts(cfg)
     dataset = parts.dataset
+    # the run's torch thread count, as the simulation's: the bits of a matrix product
+    # depend on how many threads sum it, so a task must be computed with the same count
+    threads = cfg.run.threads
+    if threads is None:
+        threads = default_threads(parts.build_module(), dataset.info)
+    if threads is not None:
+        torch.set_num_threads(threads)
     if not 0 <= data_client < dataset.num_clients:
         raise ConfigError(
             "--client-id",

@@ -286,3 +286,24 @@ def test_plaintext_is_refused_off_loopback_naming_the_option(tmp_path: Path) -> 
     node = NodeOptions(server="10.1.2.3:5000", key=keys / "nodes" / "node-0", plaintext=True)
     with pytest.raises(ValueError, match=r"--plaintext connects without TLS"):
         run_node(node)
+
+
+def test_a_node_computes_with_the_runs_torch_thread_count() -> None:
+    """A node trains with the run's thread count (``threads``, or the small-model default
+    of one thread that ``roost run`` uses), not torch's own default: the bits of a matrix
+    product depend on how many threads sum it. Before this, a `roost node` process used
+    two threads here and a served FedAvg round of the quickstart (5 local epochs) ended
+    7.4e-4 away from the simulated one; it is now the same model, bit for bit."""
+    from roost.config import resolve
+    from roost.deployment import _node_worker
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        _node_worker(object(), resolve({**SMALL, "threads": 3}), 0, 0, None)  # type: ignore[arg-type]
+        assert torch.get_num_threads() == 3
+        torch.set_num_threads(2)
+        _node_worker(object(), resolve(SMALL), 0, 0, None)  # type: ignore[arg-type]
+        assert torch.get_num_threads() == 1  # the 16-unit MLP is small: one thread
+    finally:
+        torch.set_num_threads(before)
