@@ -307,3 +307,39 @@ def test_a_node_computes_with_the_runs_torch_thread_count() -> None:
         assert torch.get_num_threads() == 1  # the 16-unit MLP is small: one thread
     finally:
         torch.set_num_threads(before)
+
+
+def test_nodes_in_processes_of_their_own_train_the_simulated_model(tmp_path: Path) -> None:
+    """The process boundary itself: two `roost node` processes (as a user starts them)
+    against a served quickstart-sized run, which must end on the simulated model bit for
+    bit. A node process starts with torch's own settings, not the test runner's, so this
+    catches what the in-process nodes of the other tests cannot (it caught the thread
+    count: 7.4e-4 apart before the fix)."""
+    import subprocess
+    import sys
+
+    tree = {**SMALL, "clients": 2, "clients_per_round": 2, "rounds": 2, "eval_every": 0}
+    tree["algorithm"] = {**SMALL["algorithm"], "local_epochs": 3}
+    keys = federation(tmp_path / "keys", 2)
+    sim = tmp_path / "sim"
+    run(tree, sim)
+    served = start_server(tree, tmp_path / "served", keys)
+
+    def node(i: int) -> subprocess.Popen[bytes]:
+        key = str(keys / "nodes" / f"node-{i}")
+        command = ["node", "--server", served.address, "--key", key, "--client-id", str(i)]
+        return subprocess.Popen(
+            [sys.executable, "-m", "roost", *command],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+    nodes = [node(i) for i in range(2)]
+    try:
+        served.join(120)
+        for p in nodes:
+            assert p.wait(60) == 0, p.stderr.read() if p.stderr else ""
+    finally:
+        for p in nodes:
+            p.kill()
+    assert torch.equal(_params(tmp_path / "served"), _params(sim))
