@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from roost.build import build_algorithm, build_parts
+from roost.build import RunParts, build_parts
 from roost.clock import WallClock
 from roost.config import ResolvedConfig, apply_overrides, resolve
 from roost.engine import History
@@ -132,14 +132,17 @@ def _serve_remote(
 
     @contextlib.contextmanager
     def fleet(
-        clock: WallClock, num_clients: int, cfg: ResolvedConfig, resumed_step: int | None
+        clock: WallClock,
+        num_clients: int,
+        cfg: ResolvedConfig,
+        resumed_step: int | None,
+        parts: RunParts,
     ) -> Iterator[RemoteFleet]:
         journal = Journal(out / JOURNAL_FILE)
-        algorithm = build_algorithm(cfg)
+        algorithm = parts.algorithm
         split = None
         if algorithm.splits_the_model:  # the server part's replicas run here
-            parts = build_parts(cfg)
-            split = parts.algorithm.split_serving(parts.build_module, parts.dataset.info)
+            split = algorithm.split_serving(parts.build_module, parts.dataset.info)
             if resumed_step is not None and split is not None and split.keeps_momentum:
                 warnings.warn(
                     f"{cfg.name('algorithm')} keeps each client's SGD momentum of the server "

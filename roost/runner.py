@@ -28,7 +28,7 @@ from roost.config import ResolvedConfig, apply_overrides, resolve
 from roost.engine import Callback, Engine, History
 from roost.engine.remote import ConnectedNodes, RemoteFleet
 from roost.errors import Diverged
-from roost.models.cost import LayerCost, layer_costs, macs_per_example
+from roost.models.cost import LayerCost, example_input, layer_costs, macs_per_example
 from roost.registry import ConfigError
 from roost.runtime.base import RUNTIMES, Job
 from roost.runtime.launch import prestart, release
@@ -47,11 +47,13 @@ __all__ = ["RemoteFactory", "describe_run", "pacing_note", "resume", "run", "sum
 CHECKPOINT_FORMAT = 3
 
 RemoteFactory = Callable[
-    [WallClock, int, ResolvedConfig, "int | None"], AbstractContextManager[RemoteFleet]
+    [WallClock, int, ResolvedConfig, "int | None", RunParts],
+    AbstractContextManager[RemoteFleet],
 ]
 """A deployment's nodes, for :func:`run` and :func:`resume` with ``remote``: called with
-the run's wall clock, its number of clients, its config and (resumed) the step of the
-checkpoint it continues from, it returns a context manager
+the run's wall clock, its number of clients, its config, (resumed) the step of the
+checkpoint it continues from and the run's parts (its algorithm, data and model), it
+returns a context manager
 that yields the :class:`~roost.engine.remote.RemoteFleet` (``roost serve``: the gRPC
 server, started on entry, told the run is over and stopped on exit)."""
 
@@ -133,9 +135,7 @@ def _split_layers(cfg: ResolvedConfig, parts: RunParts) -> tuple[LayerCost, ...]
     layers = layer_costs(module, parts.dataset.info)
     if cfg.run.split_costs == "macs":
         return layers
-    info = parts.dataset.info
-    dtype = torch.long if info.vocab_size else torch.float32
-    example = torch.zeros((SPLIT_PROFILE_BATCH, *info.input_shape), dtype=dtype)
+    example = example_input(parts.dataset.info, SPLIT_PROFILE_BATCH)
     measured = profile_layers(module, example)
     return tuple(
         dataclasses.replace(layer, forward_s=f, backward_s=b)
@@ -301,7 +301,7 @@ def _execute_run(
         start_s = float(checkpoint["virtual_time_s"]) if checkpoint is not None else 0.0
         clock = WallClock(start_s)
         step = int(checkpoint["round"]) if checkpoint is not None else None
-        fleet = stack.enter_context(remote(clock, dataset.num_clients, cfg, step))
+        fleet = stack.enter_context(remote(clock, dataset.num_clients, cfg, step, parts))
         system = ConnectedNodes(fleet, dataset.num_clients)
     engine = Engine(
         run=rc,

@@ -64,7 +64,7 @@ from roost.algorithms.fedavg import FedAvgStrategy
 from roost.algorithms.local_sgd import SGDStepper, minibatches
 from roost.algorithms.splitfed import SplitFed, SplitFedConfig
 from roost.data.base import ClientData, DatasetInfo
-from roost.models.cost import LayerCost
+from roost.models.cost import LayerCost, example_input
 from roost.params import FlatModel, ParamLayout
 from roost.registry import ConfigError, check
 from roost.split import Activations, Gradient, cut_module, label_dtype, wire_dtype
@@ -298,10 +298,8 @@ class Deprune(SplitFed):
         layers = len(list(module.children()))
         cut = cfg.cut or layers // 2
         check(cut < layers, "cut", cfg.cut, f"at most {layers - 1} (the model's layers - 1)")
-        dtype = torch.long if info.vocab_size else torch.float32
-        example = torch.zeros((2, *info.input_shape), dtype=dtype)
         adapted = insert_bottleneck(
-            module, cut, example, cfg.feature_compression, cfg.resolution_compression
+            module, cut, example_input(info, 2), cfg.feature_compression, cfg.resolution_compression
         )
         channels = adapted[cut].out_channels
         for key in ("prune_1_budget", "prune_2_budget"):
@@ -416,7 +414,6 @@ class Deprune(SplitFed):
         budget = encoder.kept  # the round's mode, in the model the server sent
         wire = wire_dtype(cfg.wire_dtype)
         num_classes = _num_classes(module, data)
-        module.train()
         up = down = 0
         penalty_sum = 0.0
         smallest = 2 if encoder.flat else 1

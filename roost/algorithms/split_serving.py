@@ -31,10 +31,11 @@ from torch import nn
 
 from roost.algorithms.base import Payload
 from roost.algorithms.local_sgd import SGDStepper
+from roost.models.cost import example_input
 from roost.params import FlatModel, ParamLayout
 from roost.split.cut import SplitLayout, cut_module
 from roost.split.messages import SplitExchange, SplitReply, label_dtype, wire_dtype
-from roost.split.step import ServerReplica
+from roost.split.step import ServerReplica, device_trains
 
 if TYPE_CHECKING:
     from roost.algorithms.splitfed import SplitFed
@@ -145,9 +146,9 @@ class SplitServing:
             training = self._module.training
             self._module.eval()
             with torch.no_grad():
-                shape = tuple(parts.device(torch.zeros(1, *self.info.input_shape)).shape[1:])
+                shape = tuple(parts.device(example_input(self.info)).shape[1:])
             self._module.train(training)
-            trains = any(p.requires_grad for p in parts.device.parameters())
+            trains = device_trains(parts.device)
             known = self._layouts[cut] = (parts.layout, shape, trains)
         return known
 

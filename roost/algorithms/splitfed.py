@@ -68,14 +68,9 @@ from roost.registry import check
 from roost.split import SplitModule, cut_module, num_cut_points, wire_dtype
 from roost.split.messages import WIRE_DTYPES, SplitExchange, SplitReply, label_dtype
 from roost.split.plan import DeviceLink, SplitPlan, plan_for_cut
-from roost.split.step import ServerReplica, Stepper, device_iteration
+from roost.split.step import ServerReplica, Stepper, device_iteration, device_trains
 
 __all__ = ["SplitFed", "SplitFedConfig"]
-
-
-def _trains(device: nn.Module) -> bool:
-    """Whether a device part has parameters to train (else no gradient goes back)."""
-    return any(p.requires_grad for p in device.parameters())
 
 
 @dataclass(frozen=True)
@@ -225,7 +220,9 @@ class SplitFed(Algorithm):
         if ctx.server is not None:
             return drive(procedure, ctx.server)
         server, num_classes, trains = self._server_part(ctx, model, data)
-        replica = self.server_replica(server, ctx.settings, num_classes=num_classes, trains=trains)
+        replica = self.server_replica(
+            server, ctx.settings, num_classes=num_classes, trains=trains, validate=False
+        )
         return drive(procedure, replica.answer)
 
     def _server_part(
@@ -234,7 +231,7 @@ class SplitFed(Algorithm):
         """The task's server part of the resident ``model``, the number of classes, and
         whether the device part trains (a gradient goes back)."""
         parts, num_classes = self._split(model, data.x, self.task_config(ctx))
-        return parts.server, num_classes, _trains(parts.device)
+        return parts.server, num_classes, device_trains(parts.device)
 
     def server_replica(
         self,
@@ -246,9 +243,12 @@ class SplitFed(Algorithm):
         stepper: Stepper | None = None,
         batch_size: int | None = None,
         activation_shape: tuple[int, ...] | None = None,
+        validate: bool = True,
     ) -> ServerReplica:
         """The server part's replica for a task with ``settings`` (none goes back when
-        the device part does not ``trains``), answering as :meth:`_reply_rule` says."""
+        the device part does not ``trains``), answering as :meth:`_reply_rule` says;
+        ``validate``: check every message (off in simulation, where the device's own
+        procedure in this process sends them)."""
         return ServerReplica(
             server,
             num_classes=num_classes,
@@ -256,6 +256,7 @@ class SplitFed(Algorithm):
             stepper=stepper,
             batch_size=batch_size,
             activation_shape=activation_shape,
+            validate=validate,
             **self._reply_rule(settings),
         )
 

@@ -46,10 +46,11 @@ def _first_numel(inputs: object) -> int:
     return first.numel() if isinstance(first, torch.Tensor) else 0
 
 
-def _example(info: DatasetInfo) -> torch.Tensor:
-    if info.vocab_size:
-        return torch.zeros((1, *info.input_shape), dtype=torch.long)
-    return torch.zeros((1, *info.input_shape))
+def example_input(info: DatasetInfo, batch: int = 1) -> torch.Tensor:
+    """``batch`` zero examples of the data ``info`` describes (token ids for text), for
+    running a model once to read its shapes or costs."""
+    dtype = torch.long if info.vocab_size else torch.float32
+    return torch.zeros((batch, *info.input_shape), dtype=dtype)
 
 
 def _run_once(module: nn.Module, info: DatasetInfo) -> torch.Tensor:
@@ -57,7 +58,7 @@ def _run_once(module: nn.Module, info: DatasetInfo) -> torch.Tensor:
     module.eval()
     try:
         with torch.no_grad():
-            out: torch.Tensor = module(_example(info))
+            out: torch.Tensor = module(example_input(info))
     finally:
         module.train(was_training)
     return out

@@ -51,6 +51,7 @@ __all__ = [
     "ServerReplica",
     "Stepper",
     "device_iteration",
+    "device_trains",
     "drive_iteration",
     "micro_batch_size",
     "split_iteration",
@@ -161,8 +162,10 @@ class ServerReplica:
         activation_shape: tuple[int, ...] | None = None,
         reply: Callable[[Any, torch.Tensor], Any] | None = None,
         budget: int | None = None,
+        validate: bool = True,
     ) -> None:
         self.server = server
+        self.validate = validate
         self.reply = reply or _same_dtype_gradient
         self.budget = budget
         self.num_classes = num_classes
@@ -232,8 +235,11 @@ class ServerReplica:
             raise ValueError(f"kept channel ids must increase within 0 .. {channels - 1}")
 
     def answer(self, message: SplitExchange) -> SplitReply:
-        """Check ``message``, forward and back-propagate its micro-batch, and answer."""
-        self.check(message)
+        """Check ``message`` (unless ``validate`` is off: a replica in the device's own
+        process, fed by its own procedure), forward and back-propagate its micro-batch,
+        and answer."""
+        if self.validate:
+            self.check(message)
         i, j, n = message.iteration, message.micro_batch, message.micro_batches
         if j == 0 and self.stepper is not None:
             self.stepper.begin()
@@ -253,6 +259,11 @@ class ServerReplica:
                 self.stepper.finish(torch.stack(self._losses).sum())
             self._losses = []
         return SplitReply(loss.detach(), gradient)
+
+
+def device_trains(device: nn.Module) -> bool:
+    """Whether a device part has parameters to train (else no gradient goes back)."""
+    return any(p.requires_grad for p in device.parameters())
 
 
 def _same_dtype_gradient(activations: Any, grad: torch.Tensor) -> Gradient:
@@ -286,7 +297,8 @@ def split_iteration(
 ) -> IterationResult:
     """Steps 1-3 of the module docstring in one process; accumulates into both parts'
     ``.grad``."""
-    trains = any(p.requires_grad for p in device.parameters())
-    replica = ServerReplica(server, num_classes=num_classes, returns_gradient=trains)
+    replica = ServerReplica(
+        server, num_classes=num_classes, returns_gradient=device_trains(device), validate=False
+    )
     steps = device_iteration(device, x, y, micro_batches, num_classes=num_classes, wire=wire)
     return drive_iteration(steps, replica.answer)

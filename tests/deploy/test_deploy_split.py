@@ -100,6 +100,7 @@ def test_turn_taking_methods_deployed_equal_simulated(algorithm: str) -> None:
     sim = _simulated(run, algorithm, params)
     dep = deployed(run, algorithm, params)
     _same(sim, dep, 6)
+    assert dep.strategy.version == sim.strategy.version == 6  # one server step per turn
 
 
 def test_deprune_deployed_equals_simulated() -> None:
@@ -147,5 +148,6 @@ def test_resuming_a_served_pipar_run_warns_that_the_server_momentum_restarts(
     run(resolve(tree), tmp_path / "run")
     make_federation(tmp_path / "keys", 1)
     options = ServeOptions(address="127.0.0.1:0", keys=tmp_path / "keys")
-    with pytest.warns(RoostWarning, match="momentum of the server part .* starts again"):
+    with pytest.warns(RoostWarning, match="momentum of the server part .* starts again") as got:
         serve(None, tmp_path / "run", options, resume=True)
+    assert sum("not the uninterrupted one" in str(w.message) for w in got) == 1
