@@ -76,3 +76,26 @@ def test_main_writes_to_out_and_prints_each_path(tmp_path, capsys):
     assert printed == [str(tmp_path / n) for n in codegen.OUTPUTS]
     for n in codegen.OUTPUTS:
         assert (tmp_path / n).read_bytes() == (codegen.GENERATED / n).read_bytes()
+
+
+def test_the_deploy_extra_asks_for_the_protobuf_the_generated_code_checks_for():
+    """roost_deploy_pb2.py calls ``ValidateProtobufRuntimeVersion(PUBLIC, MAJOR, MINOR,
+    PATCH, ...)`` at import: a runtime of another major, or older than the gencode, raises.
+    So the ``deploy`` extra must ask for ``protobuf>=MAJOR.MINOR.PATCH,<MAJOR+1`` (with
+    ``protobuf>=4.25`` a fresh install could pick a protobuf that cannot import it)."""
+    import re
+    from pathlib import Path
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the tomli dependency
+        import tomli as tomllib
+
+    text = (codegen.GENERATED / "roost_deploy_pb2.py").read_text()
+    call = re.search(r"ValidateProtobufRuntimeVersion\(\s*[\w.]+,\s*(\d+),\s*(\d+),\s*(\d+),", text)
+    assert call is not None
+    major, minor, patch = (int(g) for g in call.groups())
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    deploy = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]["deploy"]
+    (spec,) = [d for d in deploy if d.startswith("protobuf")]
+    assert spec == f"protobuf>={major}.{minor}.{patch},<{major + 1}"
