@@ -88,10 +88,16 @@ class _Checkpointer:
             self.save(self.pending)
 
     def save(self, record: dict[str, Any]) -> None:
+        """Checkpoint after ``record``'s step. The model snapshots of the tasks in flight
+        are written (each version once) unless the step ends the run: a finished run is
+        never continued (:func:`_finished`, ``rounds`` cannot change on resume), so its
+        last checkpoint needs none and the snapshot files are removed."""
         self.pending = None
         self.saved_at = time.monotonic()
         self.store.commit(record["round"])  # durable before the checkpoint names it
-        snapshots = self.engine.flights.snapshot_dicts()
+        self.rundir.sync_metrics()  # the lines up to this step, likewise
+        final = _finished(record["round"], record.get("stopped"), self.engine.run_config.rounds)
+        snapshots = {} if final else self.engine.flights.snapshot_dicts()
         if snapshots:  # each version written once, not in every checkpoint
             self.rundir.save_snapshots(snapshots)
         self.rundir.save_checkpoint(
@@ -110,6 +116,11 @@ class _Checkpointer:
         self.rundir.prune_snapshots(set(snapshots))
         if self.engine.remote is not None:  # its journal now follows this checkpoint
             self.engine.remote.checkpointed(record["round"], sorted(self.engine.flights.flights))
+
+
+def _finished(step: int, stopped: object, rounds: int) -> bool:
+    """Whether a checkpoint after ``step`` ends the run: its last step, or stopped early."""
+    return step >= rounds or bool(stopped)
 
 
 def _as_resolved(config: ResolvedConfig | Mapping[str, Any]) -> ResolvedConfig:
@@ -322,16 +333,17 @@ def _execute_run(
     finished = False
     if checkpoint is not None:
         assert rundir is not None
-        strategy.load_state_dict(checkpoint["strategy"])
-        engine_state = checkpoint["engine"]
-        flights = engine_state["flights"]
-        if flights.get("snapshots") is None:
-            flights["snapshots"] = rundir.load_snapshots(flights["snapshot_versions"])
-        engine.load_state_dict(engine_state)
-        engine.wall_offset_s = float(checkpoint["wall_time_s"])
         start_round = int(checkpoint["round"]) + 1
+        finished = _finished(start_round - 1, checkpoint.get("stopped"), rc.rounds)
+        if not finished:  # a finished run computes nothing more (its snapshots are gone)
+            strategy.load_state_dict(checkpoint["strategy"])
+            engine_state = checkpoint["engine"]
+            flights = engine_state["flights"]
+            if flights.get("snapshots") is None:
+                flights["snapshots"] = rundir.load_snapshots(flights["snapshot_versions"])
+            engine.load_state_dict(engine_state)
+        engine.wall_offset_s = float(checkpoint["wall_time_s"])
         history.records = rundir.truncate_metrics(start_round - 1)
-        finished = start_round > rc.rounds or bool(checkpoint.get("stopped"))
     elif rundir is not None and rundir.read_metrics():
         history.records = rundir.truncate_metrics(0)
     if finished and rundir is not None and rundir.has_summary():

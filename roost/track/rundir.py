@@ -1,10 +1,12 @@
 """The run directory: ``config.json``, ``metrics.jsonl``, ``summary.json``, ``checkpoint.pt``.
 
-``metrics.jsonl`` holds one JSON object per round, appended as each round ends. A
-checkpoint is written atomically after a round's metrics line, as often as the run's
-``checkpoint_every_s`` asks (the runner decides); on resume, lines for rounds past the
-checkpoint (and a torn last line) are dropped and recomputed, so the file always matches
-the model.
+``metrics.jsonl`` holds one JSON object per round, appended (and flushed, so a reader
+sees it at once) as each round ends. A checkpoint is written atomically after a round's
+metrics line, as often as the run's ``checkpoint_every_s`` asks (the runner decides), and
+``metrics.jsonl`` is fsynced just before it (:meth:`RunDir.sync_metrics`): the lines a
+checkpoint names are on disk before it is, and the lines after it need not be, because on
+resume lines for rounds past the checkpoint (and a torn last line) are dropped and
+recomputed, so the file always matches the model.
 """
 
 from __future__ import annotations
@@ -126,10 +128,20 @@ class RunDir:
 
     # ---- during the run
     def append_metrics(self, record: dict[str, Any]) -> None:
+        """Append one round's line, flushed but not fsynced (see :meth:`sync_metrics`)."""
         with open(self.path / METRICS, "a") as f:
             f.write(json.dumps(_finite_or_none(record), sort_keys=True, allow_nan=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+
+    def sync_metrics(self) -> None:
+        """Make every line appended so far durable: called before a checkpoint or summary
+        that counts them (one fsync per checkpoint, not one per round)."""
+        f = self.path / METRICS
+        if f.exists():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         atomic_torch_save(self.path / CHECKPOINT, state)
@@ -193,6 +205,7 @@ class RunDir:
         return kept
 
     def write_summary(self, summary: dict[str, Any]) -> None:
+        self.sync_metrics()
         atomic_write_json(self.path / SUMMARY, _finite_or_none(summary))
 
     def has_summary(self) -> bool:

@@ -237,6 +237,75 @@ def test_an_asynchronous_run_resumes_to_the_uninterrupted_result(tmp_path, runti
         assert [r[key] for r in cut] == [r[key] for r in full], key
 
 
+def test_a_finished_asynchronous_run_keeps_no_snapshots_and_still_resumes_to_its_summary(
+    tmp_path,
+):
+    """FedBuff (K = 3, 5 in flight) ends with tasks in flight, whose start versions an
+    unfinished checkpoint would keep as snapshot files. A finished run is never continued
+    (rounds cannot change on --resume), so its last checkpoint keeps none and the folder is
+    emptied. Killed after that checkpoint but before summary.json, --resume computes
+    nothing and writes the same summary (same final loss and accuracy, same 6 records)."""
+    cfg = resolve(
+        apply_overrides(load_config_source("quickstart"), [*ASYNC, "algorithm.buffer_size=3"])
+    )
+    out = tmp_path / "run"
+    run(cfg, out)
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["round"] == 6
+    assert len(checkpoint["engine"]["flights"]["flights"]) == 4  # in flight at the end
+    assert sorted((out / "snapshots").glob("*")) == []
+    before = json.loads((out / "summary.json").read_text())
+    records = _records(out)
+    (out / "summary.json").unlink()
+    resume(out)
+    after = json.loads((out / "summary.json").read_text())
+    assert (after["status"], after["rounds"]) == ("completed", 6)
+    assert (after["final_loss"], after["final_accuracy"]) == (
+        before["final_loss"],
+        before["final_accuracy"],
+    )
+    assert _records(out) == records
+
+
+def test_metrics_lines_are_fsynced_once_per_checkpoint_and_before_it(tmp_path, monkeypatch):
+    """Lines after the last checkpoint are recomputed on resume, so they need not be
+    durable; the ones a checkpoint counts must be, before it is. With a checkpoint only
+    after step 1 and at the end (checkpoint_every_s=3600), 4 rounds fsync metrics.jsonl
+    3 times (each checkpoint, then summary.json), not once per line, and each of those
+    fsyncs comes before the checkpoint or summary's rename."""
+    import os
+
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        name = Path(os.readlink(f"/proc/self/fd/{fd}")).name
+        if name == "metrics.jsonl":
+            events.append("fsync metrics")
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(f"replace {Path(dst).name}")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    overrides = [*OVERRIDES[:-1], "checkpoint_every_s=3600"]
+    run(resolve(apply_overrides(load_config_source("quickstart"), overrides)), tmp_path / "r")
+    assert [r["round"] for r in _records(tmp_path / "r")] == [1, 2, 3, 4]
+    kept = [
+        e for e in events if e in {"fsync metrics", "replace checkpoint.pt", "replace summary.json"}
+    ]
+    assert kept == [
+        "fsync metrics",
+        "replace checkpoint.pt",
+        "fsync metrics",
+        "replace checkpoint.pt",
+        "fsync metrics",
+        "replace summary.json",
+    ]
+
+
 @pytest.mark.parametrize(
     ("runtime", "policy"), [("local", "fixed"), ("workers", "fixed"), ("local", "qlearning")]
 )
