@@ -85,7 +85,7 @@ class SGDStepper:
             self.buf = model.scratch("momentum") if cfg.momentum else None
         self.loss_sum = torch.zeros((), device=model.params.device)
         self.steps = 0
-        model.module.train()
+        model.train_mode()
 
     def step(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
         """One minibatch: :meth:`begin`, the loss's backward, :meth:`finish`."""

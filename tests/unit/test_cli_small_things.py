@@ -130,3 +130,59 @@ def test_a_run_stops_when_its_virtual_time_budget_is_used(tmp_path):
 def test_bad_stop_rules_are_refused(tmp_path, capsys, arg, message):
     assert main(["run", *SMALL, arg, "--out", str(tmp_path / "r")]) == 2
     assert capsys.readouterr().err == f"roost: error: {message}\n"
+
+
+def test_imports_without_gc_turns_the_collector_off_then_freezes_what_was_made():
+    """Inside: no collection runs (the collector is off). After: it is on again if it
+    was, and the objects made inside are in the permanent generation (the freeze count
+    grew by at least the 1,000 lists made there); a collector that was off stays off."""
+    import gc
+
+    from roost.cli import imports_without_gc
+
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    try:
+        with imports_without_gc():
+            assert not gc.isenabled()
+            made = [[] for _ in range(1000)]
+        assert gc.isenabled()
+        assert gc.get_freeze_count() >= frozen + 1000
+        gc.disable()
+        with imports_without_gc():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+        gc.unfreeze()
+    del made
+
+
+def test_main_freezes_nothing_when_the_run_modules_are_already_imported(capsys):
+    """``roost run`` imports roost.runner under imports_without_gc once per process: here
+    (a test process that has imported it) the freeze count stays as it was."""
+    import gc
+    import sys
+
+    import roost.runner  # noqa: F401
+
+    assert "roost.runner" in sys.modules
+    frozen = gc.get_freeze_count()
+    assert main(["run", "no-such-preset", "--quiet"]) == 2
+    assert "no-such-preset" in capsys.readouterr().err
+    assert gc.get_freeze_count() == frozen
+
+
+def test_a_fresh_roost_process_imports_under_a_frozen_collector():
+    """In a new process ``main`` imports roost.runner (torch with it) with the collector
+    off and freezes the result: over 100,000 objects (torch alone makes several hundred
+    thousand) end in the permanent generation, and the collector is on again."""
+    import subprocess
+    import sys
+
+    code = (
+        "import gc; from roost.cli import main; rc = main(['run', 'no-such-preset']); "
+        "print(rc, gc.get_freeze_count() > 100_000, gc.isenabled())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["2", "True", "True"]

@@ -133,3 +133,24 @@ def test_fedavg_averages_the_batchnorm_statistics():
     strategy.step(1, [total])
     assert torch.equal(strategy.params[34:], torch.full((8,), 5.0))  # (2 + 3 * 6) / 4
     assert torch.equal(strategy.params[:34], torch.full((34,), 0.75))
+
+
+def test_train_mode_sets_every_flag_and_skips_the_walk_when_they_are_set():
+    """After an evaluation (or any child put in eval mode) every submodule trains again;
+    when all already train, ``module.train()`` (a walk through nn.Module.__setattr__ per
+    submodule) is not called at all."""
+    module = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5), nn.Sequential(nn.BatchNorm1d(3)))
+    model = FlatModel(module)
+    calls = []
+    real_train = module.train
+    module.train = lambda mode=True: calls.append(mode) or real_train(mode)  # type: ignore[method-assign]
+    module[2][0].eval()  # one nested child only
+    model.train_mode()
+    assert calls == [True]
+    assert all(m.training for m in module.modules())
+    model.train_mode()
+    assert calls == [True]  # nothing to change: skipped
+    module.eval()
+    model.train_mode()
+    # module.eval() is module.train(False), then train_mode's own module.train(True)
+    assert calls == [True, False, True] and all(m.training for m in module.modules())
