@@ -97,7 +97,8 @@ class ClientConfig:
     """A node's limits and timings.
 
     Attributes:
-        chunk_bytes: data per chunk frame the node sends.
+        chunk_bytes: data per chunk frame the node sends at most (a server may ask for
+            less: :attr:`ServerInfo.upload_chunk_bytes`).
         max_message_bytes: gRPC's receive and send limit for one message, set explicitly.
         max_payload_bytes: the most tensor bytes a task payload or an answer may declare.
         timeout_s: deadline of one call (one attempt).
@@ -129,6 +130,8 @@ class ServerInfo:
     """The client id this node holds in the run."""
     run_config: str = ""
     """The run's resolved config as JSON ("" when the server gave none)."""
+    upload_chunk_bytes: int = 0
+    """The largest chunk the server asks results and exchanges in (0: no request)."""
 
 
 RETRIED = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
@@ -334,8 +337,17 @@ class NodeClient:
             reply.chunk_bytes,
             reply.client_id,
             reply.run_config_json,
+            reply.upload_chunk_bytes,
         )
         self._reached = True
+
+    @property
+    def upload_chunk_bytes(self) -> int:
+        """The data per chunk frame of this node's results and exchanges: its own
+        ``chunk_bytes``, or less if the server asked so at registration (a server keeps
+        gRPC's per-connection read buffers small that way)."""
+        asked = self.server.upload_chunk_bytes if self.server is not None else 0
+        return min(self.config.chunk_bytes, asked) if asked > 0 else self.config.chunk_bytes
 
     # --- the calls ----------------------------------------------------------------------
 
@@ -360,7 +372,7 @@ class NodeClient:
 
     def push_result(self, result: Result) -> Ack:
         """Send ``result``; the server's Ack (``duplicate`` if it had this result already)."""
-        stream = ResultStream(self.node_id, result, self.config.chunk_bytes)
+        stream = ResultStream(self.node_id, result, self.upload_chunk_bytes)
         digest = body_digest(stream)  # first pass: the signature covers every frame
 
         def attempt() -> Ack:
@@ -391,7 +403,7 @@ class NodeClient:
         """Send a mid-task message with tensors (split learning's activations); the
         server's answer. A retry after a lost answer resends the same bytes, which the
         server answers as the first time."""
-        stream = ExchangeStream(self.node_id, exchange, self.config.chunk_bytes)
+        stream = ExchangeStream(self.node_id, exchange, self.upload_chunk_bytes)
         digest = body_digest(stream)
 
         def attempt() -> Answer:

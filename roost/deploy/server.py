@@ -16,7 +16,8 @@ exception (a coordinator bug) is logged with its traceback and answered INTERNAL
 way the server goes on serving.
 
 :class:`DeployServer` runs it on a thread-pool ``grpc.server`` with the message limits set
-explicitly (default 4 MiB both ways, gRPC's own default; chunks are 1 MiB).
+explicitly (default 4 MiB both ways, gRPC's own default; the chunks it sends are 1 MiB,
+those it asks nodes to send 64 KiB: see ``ServerConfig.upload_chunk_bytes``).
 """
 
 from __future__ import annotations
@@ -99,6 +100,14 @@ class ServerConfig:
             a turn before their first frame), for the same reason.
         tasks_per_node: how many of each node's last tasks the task table remembers
             (:class:`~roost.deploy.tasks.TaskTable`; a node works one task at a time).
+        upload_chunk_bytes: the largest chunk the server asks nodes to send results and
+            exchanges in (told at registration; a node sends at most this and its own
+            ``chunk_bytes``). gRPC's TCP endpoint keeps, for every connection, read
+            buffers about as large as the largest message it received on it, also while
+            the connection is idle; with 1 MiB result chunks that was about 1 MiB per node
+            in the server (plus the allocator's fragments), with smaller models as large
+            as their one chunk. 64 KiB chunks hold that near 0.1 MiB per node, whatever the
+            model, for about the same CPU per byte received.
 
     gRPC's HTTP/2 flow-control windows are kept at their initial size (no BDP probing),
     so a call waiting for its turn buffers at most one window (64 KiB), not megabytes.
@@ -116,13 +125,16 @@ class ServerConfig:
     max_receiving: int = 4
     max_sending: int = 8
     tasks_per_node: int = 16
+    upload_chunk_bytes: int = 64 << 10
 
     def __post_init__(self) -> None:
-        if not 1 <= self.chunk_bytes <= self.max_message_bytes - FRAME_OVERHEAD:
-            raise ValueError(
-                f"chunk_bytes = {self.chunk_bytes} must be in 1 .. max_message_bytes - "
-                f"{FRAME_OVERHEAD} = {self.max_message_bytes - FRAME_OVERHEAD}"
-            )
+        for name in ("chunk_bytes", "upload_chunk_bytes"):
+            value = getattr(self, name)
+            if not 1 <= value <= self.max_message_bytes - FRAME_OVERHEAD:
+                raise ValueError(
+                    f"{name} = {value} must be in 1 .. max_message_bytes - "
+                    f"{FRAME_OVERHEAD} = {self.max_message_bytes - FRAME_OVERHEAD}"
+                )
         if self.max_result_bytes < 0 or self.max_tensors < 1 or self.max_workers < 1:
             raise ValueError("max_result_bytes >= 0, max_tensors >= 1, max_workers >= 1 needed")
         if self.heartbeat_interval_s <= 0 or self.retry_after_s < 0:
@@ -308,6 +320,7 @@ class DeployServicer:
             chunk_bytes=cfg.chunk_bytes,
             client_id=registration.client_id,
             run_config_json=registration.run_config,
+            upload_chunk_bytes=cfg.upload_chunk_bytes,
         ).SerializeToString()
 
     def pull_task(self, raw: bytes, context: Any) -> Iterator[bytes]:

@@ -28,17 +28,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*roost/deploy/_generated/roost_deploy.proto\x12\x0froost.deploy.v1\"y\n\x07Setting\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x14\n\nbool_value\x18\x02 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x03 \x01(\x12H\x00\x12\x15\n\x0b\x66loat_value\x18\x04 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x05 \x01(\tH\x00\x42\x07\n\x05value\"h\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\r\n\x05numel\x18\x04 \x01(\x04\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\x12\r\n\x05\x63odec\x18\x06 \x01(\t\"O\n\x08Manifest\x12.\n\x07tensors\x18\x01 \x03(\x0b\x32\x1d.roost.deploy.v1.TensorHeader\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\"?\n\tDataChunk\x12\x14\n\x0ctensor_index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x94\x01\n\x0fRegisterRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x04\x12,\n\nproperties\x18\x05 \x03(\x0b\x32\x18.roost.deploy.v1.Setting\"\xa4\x01\n\rRegisterReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\x04\x12\x11\n\tclient_id\x18\x05 \x01(\x04\x12\x17\n\x0frun_config_json\x18\x06 \x01(\t\"<\n\x0fPullTaskRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"\xe5\x01\n\nTaskHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\x04\x12\x15\n\rmodel_version\x18\x03 \x01(\x04\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\r\n\x05round\x18\x05 \x01(\x04\x12*\n\x08settings\x18\x06 \x03(\x0b\x32\x18.roost.deploy.v1.Setting\x12*\n\x07payload\x18\x07 \x01(\x0b\x32\x19.roost.deploy.v1.Manifest\x12\'\n\x04kind\x18\x08 \x01(\x0e\x32\x19.roost.deploy.v1.TaskKind\"2\n\x06NoTask\x12\x16\n\x0eretry_after_ms\x18\x01 \x01(\r\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\"\xb6\x01\n\tTaskFrame\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12-\n\x06header\x18\x02 \x01(\x0b\x32\x1b.roost.deploy.v1.TaskHeaderH\x00\x12+\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x1a.roost.deploy.v1.DataChunkH\x00\x12*\n\x07no_task\x18\x04 \x01(\x0b\x32\x17.roost.deploy.v1.NoTaskH\x00\x42\x07\n\x05\x66rame\"%\n\x06Metric\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\"\x95\x01\n\x0cResultHeader\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12(\n\x07metrics\x18\x04 \x03(\x0b\x32\x17.roost.deploy.v1.Metric\x12)\n\x06result\x18\x05 \x01(\x0b\x32\x19.roost.deploy.v1.Manifest\"\x8e\x01\n\x0bResultFrame\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12/\n\x06header\x18\x02 \x01(\x0b\x32\x1d.roost.deploy.v1.ResultHeaderH\x00\x12+\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x1a.roost.deploy.v1.DataChunkH\x00\x42\x07\n\x05\x66rame\"q\n\x0fPushResultReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12\x11\n\tduplicate\x18\x04 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"x\n\x0eMidTaskRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12*\n\x04kind\x18\x04 \x01(\x0e\x32\x1c.roost.deploy.v1.RequestKind\"\xb4\x01\n\x0e\x45xchangeHeader\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12*\n\x04kind\x18\x03 \x01(\x0e\x32\x1c.roost.deploy.v1.RequestKind\x12(\n\x06\x66ields\x18\x04 \x03(\x0b\x32\x18.roost.deploy.v1.Setting\x12*\n\x07payload\x18\x05 \x01(\x0b\x32\x19.roost.deploy.v1.Manifest\"\x92\x01\n\rExchangeFrame\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x31\n\x06header\x18\x02 \x01(\x0b\x32\x1f.roost.deploy.v1.ExchangeHeaderH\x00\x12+\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x1a.roost.deploy.v1.DataChunkH\x00\x42\x07\n\x05\x66rame\"\x8e\x01\n\x0c\x41nswerHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12*\n\x04kind\x18\x02 \x01(\x0e\x32\x1c.roost.deploy.v1.RequestKind\x12\x15\n\rmodel_version\x18\x03 \x01(\x04\x12*\n\x07payload\x18\x04 \x01(\x0b\x32\x19.roost.deploy.v1.Manifest\"\x8e\x01\n\x0b\x41nswerFrame\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12/\n\x06header\x18\x02 \x01(\x0b\x32\x1d.roost.deploy.v1.AnswerHeaderH\x00\x12+\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x1a.roost.deploy.v1.DataChunkH\x00\x42\x07\n\x05\x66rame\"N\n\x10HeartbeatRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\"A\n\x0eHeartbeatReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x15\n\rcontinue_task\x18\x02 \x01(\x08*7\n\x08TaskKind\x12\x13\n\x0fTASK_KIND_TRAIN\x10\x00\x12\x16\n\x12TASK_KIND_EVALUATE\x10\x01*m\n\x0bRequestKind\x12\x1c\n\x18REQUEST_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18REQUEST_KIND_FETCH_MODEL\x10\x01\x12\"\n\x1eREQUEST_KIND_SPLIT_ACTIVATIONS\x10\x02\x32\xdd\x03\n\x06\x44\x65ploy\x12L\n\x08Register\x12 .roost.deploy.v1.RegisterRequest\x1a\x1e.roost.deploy.v1.RegisterReply\x12J\n\x08PullTask\x12 .roost.deploy.v1.PullTaskRequest\x1a\x1a.roost.deploy.v1.TaskFrame0\x01\x12N\n\nPushResult\x12\x1c.roost.deploy.v1.ResultFrame\x1a .roost.deploy.v1.PushResultReply(\x01\x12J\n\x07Request\x12\x1f.roost.deploy.v1.MidTaskRequest\x1a\x1c.roost.deploy.v1.AnswerFrame0\x01\x12L\n\x08\x45xchange\x12\x1e.roost.deploy.v1.ExchangeFrame\x1a\x1c.roost.deploy.v1.AnswerFrame(\x01\x30\x01\x12O\n\tHeartbeat\x12!.roost.deploy.v1.HeartbeatRequest\x1a\x1f.roost.deploy.v1.HeartbeatReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*roost/deploy/_generated/roost_deploy.proto\x12\x0froost.deploy.v1\"y\n\x07Setting\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x14\n\nbool_value\x18\x02 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x03 \x01(\x12H\x00\x12\x15\n\x0b\x66loat_value\x18\x04 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x05 \x01(\tH\x00\x42\x07\n\x05value\"h\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\r\n\x05numel\x18\x04 \x01(\x04\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\x12\r\n\x05\x63odec\x18\x06 \x01(\t\"O\n\x08Manifest\x12.\n\x07tensors\x18\x01 \x03(\x0b\x32\x1d.roost.deploy.v1.TensorHeader\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\"?\n\tDataChunk\x12\x14\n\x0ctensor_index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x94\x01\n\x0fRegisterRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x04\x12,\n\nproperties\x18\x05 \x03(\x0b\x32\x18.roost.deploy.v1.Setting\"\xc0\x01\n\rRegisterReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\x04\x12\x11\n\tclient_id\x18\x05 \x01(\x04\x12\x17\n\x0frun_config_json\x18\x06 \x01(\t\x12\x1a\n\x12upload_chunk_bytes\x18\x07 \x01(\x04\"<\n\x0fPullTaskRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"\xe5\x01\n\nTaskHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\x04\x12\x15\n\rmodel_version\x18\x03 \x01(\x04\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\r\n\x05round\x18\x05 \x01(\x04\x12*\n\x08settings\x18\x06 \x03(\x0b\x32\x18.roost.deploy.v1.Setting\x12*\n\x07payload\x18\x07 \x01(\x0b\x32\x19.roost.deploy.v1.Manifest\x12\'\n\x04kind\x18\x08 \x01(\x0e\x32\x19.roost.deploy.v1.TaskKind\"2\n\x06NoTask\x12\x16\n\x0eretry_after_ms\x18\x01 \x01(\r\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\"\xb6\x01\n\tTaskFrame\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12-\n\x06header\x18\x02 \x01(\x0b\x32\x1b.roost.deploy.v1.TaskHeaderH\x00\x12+\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x1a.roost.deploy.v1.DataChunkH\x00\x12*\n\x07no_task\x18\x04 \x01(\x0b\x32\x17.roost.deploy.v1.NoTaskH\x00\x42\x07\n\x05\x66rame\"%\n\x06Metric\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\"\x95\x01\n\x0cResultHeader\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12(\n\x07metrics\x18\x04 \x03(\x0b\x32\x17.roost.deploy.v1.Metric\x12)\n\x06result\x18\x05 \x01(\x0b\x32\x19.roost.deploy.v1.Manifest\"\x8e\x01\n\x0bResultFrame\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12/\n\x06header\x18\x02 \x01(\x0b\x32\x1d.roost.deploy.v1.ResultHeaderH\x00\x12+\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x1a.roost.deploy.v1.DataChunkH\x00\x42\x07\n\x05\x66rame\"q\n\x0fPushResultReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12\x11\n\tduplicate\x18\x04 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"x\n\x0eMidTaskRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12*\n\x04kind\x18\x04 \x01(\x0e\x32\x1c.roost.deploy.v1.RequestKind\"\xb4\x01\n\x0e\x45xchangeHeader\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12*\n\x04kind\x18\x03 \x01(\x0e\x32\x1c.roost.deploy.v1.RequestKind\x12(\n\x06\x66ields\x18\x04 \x03(\x0b\x32\x18.roost.deploy.v1.Setting\x12*\n\x07payload\x18\x05 \x01(\x0b\x32\x19.roost.deploy.v1.Manifest\"\x92\x01\n\rExchangeFrame\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x31\n\x06header\x18\x02 \x01(\x0b\x32\x1f.roost.deploy.v1.ExchangeHeaderH\x00\x12+\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x1a.roost.deploy.v1.DataChunkH\x00\x42\x07\n\x05\x66rame\"\x8e\x01\n\x0c\x41nswerHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12*\n\x04kind\x18\x02 \x01(\x0e\x32\x1c.roost.deploy.v1.RequestKind\x12\x15\n\rmodel_version\x18\x03 \x01(\x04\x12*\n\x07payload\x18\x04 \x01(\x0b\x32\x19.roost.deploy.v1.Manifest\"\x8e\x01\n\x0b\x41nswerFrame\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12/\n\x06header\x18\x02 \x01(\x0b\x32\x1d.roost.deploy.v1.AnswerHeaderH\x00\x12+\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x1a.roost.deploy.v1.DataChunkH\x00\x42\x07\n\x05\x66rame\"N\n\x10HeartbeatRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\"A\n\x0eHeartbeatReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x15\n\rcontinue_task\x18\x02 \x01(\x08*7\n\x08TaskKind\x12\x13\n\x0fTASK_KIND_TRAIN\x10\x00\x12\x16\n\x12TASK_KIND_EVALUATE\x10\x01*m\n\x0bRequestKind\x12\x1c\n\x18REQUEST_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18REQUEST_KIND_FETCH_MODEL\x10\x01\x12\"\n\x1eREQUEST_KIND_SPLIT_ACTIVATIONS\x10\x02\x32\xdd\x03\n\x06\x44\x65ploy\x12L\n\x08Register\x12 .roost.deploy.v1.RegisterRequest\x1a\x1e.roost.deploy.v1.RegisterReply\x12J\n\x08PullTask\x12 .roost.deploy.v1.PullTaskRequest\x1a\x1a.roost.deploy.v1.TaskFrame0\x01\x12N\n\nPushResult\x12\x1c.roost.deploy.v1.ResultFrame\x1a .roost.deploy.v1.PushResultReply(\x01\x12J\n\x07Request\x12\x1f.roost.deploy.v1.MidTaskRequest\x1a\x1c.roost.deploy.v1.AnswerFrame0\x01\x12L\n\x08\x45xchange\x12\x1e.roost.deploy.v1.ExchangeFrame\x1a\x1c.roost.deploy.v1.AnswerFrame(\x01\x30\x01\x12O\n\tHeartbeat\x12!.roost.deploy.v1.HeartbeatRequest\x1a\x1f.roost.deploy.v1.HeartbeatReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'roost.deploy._generated.roost_deploy_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASKKIND']._serialized_start=2629
-  _globals['_TASKKIND']._serialized_end=2684
-  _globals['_REQUESTKIND']._serialized_start=2686
-  _globals['_REQUESTKIND']._serialized_end=2795
+  _globals['_TASKKIND']._serialized_start=2657
+  _globals['_TASKKIND']._serialized_end=2712
+  _globals['_REQUESTKIND']._serialized_start=2714
+  _globals['_REQUESTKIND']._serialized_end=2823
   _globals['_SETTING']._serialized_start=63
   _globals['_SETTING']._serialized_end=184
   _globals['_TENSORHEADER']._serialized_start=186
@@ -50,37 +50,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREQUEST']._serialized_start=439
   _globals['_REGISTERREQUEST']._serialized_end=587
   _globals['_REGISTERREPLY']._serialized_start=590
-  _globals['_REGISTERREPLY']._serialized_end=754
-  _globals['_PULLTASKREQUEST']._serialized_start=756
-  _globals['_PULLTASKREQUEST']._serialized_end=816
-  _globals['_TASKHEADER']._serialized_start=819
-  _globals['_TASKHEADER']._serialized_end=1048
-  _globals['_NOTASK']._serialized_start=1050
-  _globals['_NOTASK']._serialized_end=1100
-  _globals['_TASKFRAME']._serialized_start=1103
-  _globals['_TASKFRAME']._serialized_end=1285
-  _globals['_METRIC']._serialized_start=1287
-  _globals['_METRIC']._serialized_end=1324
-  _globals['_RESULTHEADER']._serialized_start=1327
-  _globals['_RESULTHEADER']._serialized_end=1476
-  _globals['_RESULTFRAME']._serialized_start=1479
-  _globals['_RESULTFRAME']._serialized_end=1621
-  _globals['_PUSHRESULTREPLY']._serialized_start=1623
-  _globals['_PUSHRESULTREPLY']._serialized_end=1736
-  _globals['_MIDTASKREQUEST']._serialized_start=1738
-  _globals['_MIDTASKREQUEST']._serialized_end=1858
-  _globals['_EXCHANGEHEADER']._serialized_start=1861
-  _globals['_EXCHANGEHEADER']._serialized_end=2041
-  _globals['_EXCHANGEFRAME']._serialized_start=2044
-  _globals['_EXCHANGEFRAME']._serialized_end=2190
-  _globals['_ANSWERHEADER']._serialized_start=2193
-  _globals['_ANSWERHEADER']._serialized_end=2335
-  _globals['_ANSWERFRAME']._serialized_start=2338
-  _globals['_ANSWERFRAME']._serialized_end=2480
-  _globals['_HEARTBEATREQUEST']._serialized_start=2482
-  _globals['_HEARTBEATREQUEST']._serialized_end=2560
-  _globals['_HEARTBEATREPLY']._serialized_start=2562
-  _globals['_HEARTBEATREPLY']._serialized_end=2627
-  _globals['_DEPLOY']._serialized_start=2798
-  _globals['_DEPLOY']._serialized_end=3275
+  _globals['_REGISTERREPLY']._serialized_end=782
+  _globals['_PULLTASKREQUEST']._serialized_start=784
+  _globals['_PULLTASKREQUEST']._serialized_end=844
+  _globals['_TASKHEADER']._serialized_start=847
+  _globals['_TASKHEADER']._serialized_end=1076
+  _globals['_NOTASK']._serialized_start=1078
+  _globals['_NOTASK']._serialized_end=1128
+  _globals['_TASKFRAME']._serialized_start=1131
+  _globals['_TASKFRAME']._serialized_end=1313
+  _globals['_METRIC']._serialized_start=1315
+  _globals['_METRIC']._serialized_end=1352
+  _globals['_RESULTHEADER']._serialized_start=1355
+  _globals['_RESULTHEADER']._serialized_end=1504
+  _globals['_RESULTFRAME']._serialized_start=1507
+  _globals['_RESULTFRAME']._serialized_end=1649
+  _globals['_PUSHRESULTREPLY']._serialized_start=1651
+  _globals['_PUSHRESULTREPLY']._serialized_end=1764
+  _globals['_MIDTASKREQUEST']._serialized_start=1766
+  _globals['_MIDTASKREQUEST']._serialized_end=1886
+  _globals['_EXCHANGEHEADER']._serialized_start=1889
+  _globals['_EXCHANGEHEADER']._serialized_end=2069
+  _globals['_EXCHANGEFRAME']._serialized_start=2072
+  _globals['_EXCHANGEFRAME']._serialized_end=2218
+  _globals['_ANSWERHEADER']._serialized_start=2221
+  _globals['_ANSWERHEADER']._serialized_end=2363
+  _globals['_ANSWERFRAME']._serialized_start=2366
+  _globals['_ANSWERFRAME']._serialized_end=2508
+  _globals['_HEARTBEATREQUEST']._serialized_start=2510
+  _globals['_HEARTBEATREQUEST']._serialized_end=2588
+  _globals['_HEARTBEATREPLY']._serialized_start=2590
+  _globals['_HEARTBEATREPLY']._serialized_end=2655
+  _globals['_DEPLOY']._serialized_start=2826
+  _globals['_DEPLOY']._serialized_end=3303
 # @@protoc_insertion_point(module_scope)

@@ -90,20 +90,22 @@ class RegisterRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., node_id: _Optional[str] = ..., public_key: _Optional[bytes] = ..., num_examples: _Optional[int] = ..., properties: _Optional[_Iterable[_Union[Setting, _Mapping]]] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("protocol_version", "heartbeat_interval_ms", "max_message_bytes", "chunk_bytes", "client_id", "run_config_json")
+    __slots__ = ("protocol_version", "heartbeat_interval_ms", "max_message_bytes", "chunk_bytes", "client_id", "run_config_json", "upload_chunk_bytes")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     heartbeat_interval_ms: int
     max_message_bytes: int
     chunk_bytes: int
     client_id: int
     run_config_json: str
-    def __init__(self, protocol_version: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., client_id: _Optional[int] = ..., run_config_json: _Optional[str] = ...) -> None: ...
+    upload_chunk_bytes: int
+    def __init__(self, protocol_version: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., client_id: _Optional[int] = ..., run_config_json: _Optional[str] = ..., upload_chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class PullTaskRequest(_message.Message):
     __slots__ = ("protocol_version", "node_id")
