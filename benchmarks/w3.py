@@ -22,7 +22,10 @@ Measured per process, as in ``benchmarks/w1.py``:
 * wall: from just before the process is started to the moment it prints its final line
   (imports, data generation and evaluation included);
 * peak RSS: the child's ``ru_maxrss`` from ``wait4``; with worker processes the sum over
-  the server and its workers (``summary.json``'s ``peak_rss_mb_total``).
+  the server and its workers (``summary.json``'s ``peak_rss_mb_total``);
+* CPU: the child's user + system seconds from ``wait4`` (with the worker processes it
+  waited for): less sensitive than wall time to a shared machine's other load, so a
+  second view of the same ratios (the targets are on wall time).
 
 Prints a table and one JSON line with the medians and the ratios to the floor, and which
 targets are met (it asserts nothing). Targets (the issue): ``mlp``'s final loss equal to
@@ -142,14 +145,16 @@ def _measure(cmd: list[str], marker: str) -> tuple[float, float, str, dict[str, 
         else:
             kids["workers"] += mb
             kids["count"] += 1
+    kids["cpu_s"] = usage.ru_utime + usage.ru_stime  # with the workers it waited for
     return wall, usage.ru_maxrss / 1024, line, kids
 
 
 def floor_once(model: str) -> dict[str, float]:
-    wall, rss, line, _ = _measure(
+    wall, rss, line, kids = _measure(
         [sys.executable, str(HERE / "w3_floor.py"), "--model", model], "final_loss"
     )
-    return {"wall_s": wall, "rss_mb": rss, "final_loss": json.loads(line)["final_loss"]}
+    loss = json.loads(line)["final_loss"]
+    return {"wall_s": wall, "rss_mb": rss, "cpu_s": kids["cpu_s"], "final_loss": loss}
 
 
 def floor_gc_once(model: str) -> dict[str, float]:
@@ -194,6 +199,7 @@ def _result(
         "workers_seen": kids["count"],
         "rss_tracker_mb": kids["tracker"],
         "rss_source": "summary" if total is not None else "wait4+proc",
+        "cpu_s": kids["cpu_s"],
         "final_loss": loss,
     }
 
@@ -235,10 +241,12 @@ def compare(model: str, reps: int, variants: list[str]) -> dict[str, dict[str, f
     fw = statistics.median(r["wall_s"] for r in runs["floor"])
     fm = statistics.median(r["rss_mb"] for r in runs["floor"])
     fl = runs["floor"][0]["final_loss"]
+    fc = statistics.median(r["cpu_s"] for r in runs["floor"])
     out: dict[str, dict[str, float]] = {
         "floor": {
             "wall_s": fw,
             "rss_mb": fm,
+            "cpu_s": fc,
             "final_loss": fl,
             "walls_s": [r["wall_s"] for r in runs["floor"]],
             "reps": len(runs["floor"]),
@@ -256,6 +264,8 @@ def compare(model: str, reps: int, variants: list[str]) -> dict[str, dict[str, f
             "rss_mb": m,
             "wall_ratio": w / fw,
             "rss_ratio": m / fm,
+            "cpu_s": statistics.median(r["cpu_s"] for r in runs[name]),
+            "cpu_ratio": statistics.median(r["cpu_s"] for r in runs[name]) / fc,
             "rss_server_mb": statistics.median(r["rss_server_mb"] for r in runs[name]),
             "rss_workers_mb": statistics.median(r["rss_workers_mb"] for r in runs[name]),
             "rss_source": runs[name][0]["rss_source"],
@@ -300,7 +310,7 @@ def main() -> None:
         results[model] = compare(model, args.reps, variants)
     print(
         f"{'model':5s} {'variant':13s} {'floor wall':>10s} {'wall':>8s} {'ratio':>6s} "
-        f"{'floor RSS':>9s} {'RSS':>7s} {'ratio':>6s} {'loss |diff|':>11s}  "
+        f"{'floor RSS':>9s} {'RSS':>7s} {'ratio':>6s} {'CPU ratio':>9s} {'loss |diff|':>11s}  "
         "targets (wall, RSS, loss)"
     )
     for model, res in results.items():
@@ -310,7 +320,7 @@ def main() -> None:
             print(
                 f"{model:5s} {name:13s} {f['wall_s']:9.2f}s {r['wall_s']:7.2f}s "
                 f"{r['wall_ratio']:6.3f} {f['rss_mb']:7.0f}MB {r['rss_mb']:5.0f}MB "
-                f"{r['rss_ratio']:6.3f} {r['loss_abs_diff']:11.2e}  "
+                f"{r['rss_ratio']:6.3f} {r['cpu_ratio']:9.3f} {r['loss_abs_diff']:11.2e}  "
                 f"{_mark(r['wall_met'])}, {_mark(r['rss_met'])}, {_mark(r.get('loss_met'))}"
             )
     print(
