@@ -149,32 +149,63 @@ class Contribution:
     (local runtime, 2 or 3 workers) except at rare rounding ties. In float32 the grouping
     would change the last bits, which optimisers such as FedAdam (``Δ / (sqrt(v) + τ)``,
     visibly so with a small τ such as Flower's 1e-9) turn into different models.
+
+    A contribution that has folded one result only, of weight 1 and float32 tensors (an
+    asynchronous method's task), keeps that result's tensors as float32 copies and makes
+    the float64 sums from them when :attr:`sums` is first read (exactly: float32 values
+    are float64 values), so that :meth:`mean` with ``copy=False`` hands the result to a
+    strategy without the float64 round trip (about 0.1 ms per task for W3's MLP).
     """
 
-    __slots__ = ("_scratch", "clients", "count", "scalar_sums", "sums", "weight")
+    __slots__ = ("_one", "_scratch", "_sums", "clients", "count", "scalar_sums", "weight")
 
     def __init__(self) -> None:
-        self.sums: Tensors = {}
+        self._sums: Tensors = {}
+        self._one: Tensors | None = None  # the lone weight-1 float32 result, not yet summed
         self.scalar_sums: dict[str, float] = {}
         self.weight = 0.0
         self.count = 0
         self.clients: list[int] = []
         self._scratch: Tensors = {}
 
+    @property
+    def sums(self) -> Tensors:
+        """``Σ w_i x_i`` per tensor name, float64."""
+        if self._one is not None:
+            self._sums = {k: v.to(torch.float64) for k, v in self._one.items()}
+            self._one = None
+        return self._sums
+
+    @sums.setter
+    def sums(self, value: Tensors) -> None:
+        self._one = None
+        self._sums = value
+
     def __getstate__(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("clients", "count", "scalar_sums", "sums", "weight")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        self._one = None
         for k, v in state.items():
             setattr(self, k, v)
         self._scratch = {}
 
     def fold(self, result: ClientResult, client_id: int) -> None:
         w = float(result.weight)
+        if (
+            self.count == 0
+            and w == 1.0
+            and not self._sums
+            and all(t.dtype == torch.float32 for t in result.tensors.values())
+        ):
+            self._one = {name: t.detach().clone() for name, t in result.tensors.items()}
+            self._add_small_fields(result, w, client_id)
+            return
+        sums = self.sums
         for name, t in result.tensors.items():
-            acc = self.sums.get(name)
+            acc = sums.get(name)
             if acc is None:
-                self.sums[name] = self.first_sum(t.detach(), w)
+                sums[name] = self.first_sum(t.detach(), w)
             else:
                 # copy to a float64 buffer, then one same-dtype add (a mixed-dtype add_
                 # is ~6x slower on CPU)
@@ -183,6 +214,9 @@ class Contribution:
                     scratch = self._scratch[name] = torch.empty_like(acc)
                 scratch.copy_(t.detach())
                 acc.add_(scratch, alpha=w)
+        self._add_small_fields(result, w, client_id)
+
+    def _add_small_fields(self, result: ClientResult, w: float, client_id: int) -> None:
         for name, v in result.scalars.items():
             self.scalar_sums[name] = self.scalar_sums.get(name, 0.0) + w * float(v)
         self.weight += w
@@ -213,7 +247,8 @@ class Contribution:
 
     def to(self, device: torch.device) -> Contribution:
         """This sum with its tensors on ``device`` (``self`` when they are already there)."""
-        if all(t.device == device for t in self.sums.values()):
+        held = self._one if self._one is not None else self._sums
+        if all(t.device == device for t in held.values()):
             return self
         moved = Contribution()
         moved.sums = {k: v.to(device) for k, v in self.sums.items()}
@@ -221,9 +256,15 @@ class Contribution:
         moved.weight, moved.count, moved.clients = self.weight, self.count, list(self.clients)
         return moved
 
-    def mean(self, name: str) -> torch.Tensor:
-        """The weighted mean ``Σ w_i x_i / Σ w_i`` of tensor ``name``, as float32."""
-        return (self.sums[name] / self.weight).to(torch.float32)
+    def mean(self, name: str, copy: bool = True) -> torch.Tensor:
+        """The weighted mean ``Σ w_i x_i / Σ w_i`` of tensor ``name``, as float32; a new
+        tensor, unless ``copy=False`` and this contribution holds one weight-1 float32
+        result: then that result's tensor itself (the same values), which the caller
+        must not modify."""
+        if self._one is not None:
+            x = self._one[name]
+            return x.clone() if copy else x
+        return (self._sums[name] / self.weight).to(torch.float32)
 
     def scalar_mean(self, name: str) -> float:
         return self.scalar_sums[name] / self.weight

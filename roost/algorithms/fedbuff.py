@@ -16,6 +16,7 @@ With ``server_momentum = β > 0`` the buffered mean feeds server SGD with moment
 paper's "server optimizer" option): ``m ← β m + Δ̄ / K``, ``x ← x + η_g m``.
 The paper writes ``Δ = x - y`` and ``x ← x - η_g Δ̄ / K``: the same step. At most
 ``concurrency`` clients train at once (default: the run's ``clients_per_round``).
+The buffer sums in float32, as the paper's and FLSim's do (at most ``K`` terms).
 
 FLSim's variant divides the weight by its value at an expected staleness ``τ̄``
 (``avg_staleness`` there; ALGORITHMS.md §4.9), so that a result of staleness ``τ̄`` weighs
@@ -138,10 +139,10 @@ class FedBuffStrategy(AsyncStrategy):
             weight /= staleness_weight(
                 c.staleness, c.staleness_normalize_at, c.staleness_a, c.staleness_b
             )
-        delta = contribution.sums["delta"]  # float64: Σ w Δ over this one result
+        delta = contribution.mean("delta", copy=False)  # this one result's Δ, float32
         if self.buffer is None:
             self.buffer = torch.zeros_like(delta)
-        self.buffer.add_(delta, alpha=weight / contribution.weight)
+        self.buffer.add_(delta, alpha=weight)
         self.buffered += 1
         self._staleness.append(arrival.staleness)
         return self.buffered >= c.buffer_size
@@ -152,7 +153,7 @@ class FedBuffStrategy(AsyncStrategy):
     def server_step(self, step: int) -> dict[str, float]:
         assert self.buffer is not None
         c = self.cfg
-        mean = (self.buffer / c.buffer_size).to(torch.float32)
+        mean = self.buffer / c.buffer_size
         if c.server_momentum:
             self.momentum = (
                 mean if self.momentum is None else self.momentum * c.server_momentum + mean
@@ -175,7 +176,8 @@ class FedBuffStrategy(AsyncStrategy):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         buffer = state.get("buffer")
-        self.buffer = None if buffer is None else buffer.clone()
+        # float32 (a checkpoint written before the buffer was float32 holds float64)
+        self.buffer = None if buffer is None else buffer.to(torch.float32, copy=True)
         self.buffered = int(state.get("buffered", 0))
         momentum = state.get("momentum")
         self.momentum = None if momentum is None else momentum.clone()

@@ -596,7 +596,9 @@ class StreamedContribution(Contribution):
         pending = self._pending
         assert pending is not None
         c = pending.contribution()
-        for name in ("sums", "scalar_sums", "weight", "count", "clients"):
+        _slot("_sums").__set__(self, c.sums)  # float64 (a received result is summed)
+        _slot("_one").__set__(self, None)
+        for name in ("scalar_sums", "weight", "count", "clients"):
             _slot(name).__set__(self, getattr(c, name))
         _slot("_scratch").__set__(self, {})
         self._pending = None
@@ -623,7 +625,7 @@ def _streamed_field(name: str) -> property:
     return property(get, put)
 
 
-for _name in ("sums", "scalar_sums", "weight", "count", "clients", "_scratch"):
+for _name in ("_sums", "_one", "scalar_sums", "weight", "count", "clients", "_scratch"):
     setattr(StreamedContribution, _name, _streamed_field(_name))
 
 

@@ -18,7 +18,7 @@ from _fl_helpers import (
 from torch import nn
 
 from roost.algorithms import ALGORITHMS, FedAvg, FedAvgConfig
-from roost.algorithms.base import ClientContext, Contribution, Payload, drive
+from roost.algorithms.base import ClientContext, ClientResult, Contribution, Payload, drive
 from roost.params import FlatModel
 
 
@@ -156,3 +156,32 @@ def test_step_does_not_mutate_a_sent_payload() -> None:
     strategy.step(1, [contribution_of([([3.0, 5.0], 2.0)])])
     assert sent.params.tolist() == [1.0, 1.0]
     assert strategy.payload(2).version == 1
+
+
+def test_a_one_result_contribution_gives_the_float64_sums_of_before() -> None:
+    """One weight-1 float32 result is kept as a float32 copy (not a view of the result:
+    the runtime reuses that memory); its sums, read later, are float64(x) exactly; a
+    second fold then adds w2 * float64(x2) as every fold does; merge, pickling and mean
+    give what the float64 path gives."""
+    import pickle
+
+    x1 = torch.tensor([0.1, -2.5, 3.0e-8], dtype=torch.float32)
+    x2 = torch.tensor([1.0, 0.3, -7.0], dtype=torch.float32)
+    c = Contribution()
+    c.fold(ClientResult({"p": x1}, 1.0, {"loss": 2.0}), 4)
+    x1_before = x1.clone()
+    x1.fill_(99.0)  # the runtime overwrites its buffers: the contribution kept a copy
+    assert torch.equal(c.mean("p", copy=False), x1_before)
+    assert c.mean("p").data_ptr() != c.mean("p", copy=False).data_ptr()
+    assert pickle.loads(pickle.dumps(c)).sums["p"].dtype == torch.float64
+    d = Contribution()
+    d.fold(ClientResult({"p": x1_before}, 1.0, {"loss": 2.0}), 4)
+    d.fold(ClientResult({"p": x2}, 3.0, {"loss": 1.0}), 5)
+    expected = x1_before.double() + 3.0 * x2.double()
+    assert torch.equal(d.sums["p"], expected)
+    assert (d.weight, d.count, d.clients, d.scalar_sums) == (4.0, 2, [4, 5], {"loss": 5.0})
+    assert torch.equal(d.mean("p"), (expected / 4.0).float())
+    e = Contribution()
+    e.fold(ClientResult({"p": x2}, 3.0), 5)
+    c.merge(e)
+    assert torch.equal(c.sums["p"], expected) and c.weight == 4.0

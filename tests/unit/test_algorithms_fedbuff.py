@@ -74,3 +74,34 @@ def test_bad_settings_name_the_field():
 
     with pytest.raises(ConfigError, match="server_momentum"):
         FedBuffConfig(server_momentum=1.0)
+
+
+def test_the_buffer_sums_in_float32_as_the_floor_and_the_paper_do():
+    """Deltas 0.1 and 0.2 (float32), τ 0 and 3 (weights 1 and 1/2), K = 2: the buffer is
+    float32 and holds exactly float32(0.1) + float32(0.2) * float32(0.5) computed in
+    float32 (torch's add_ with alpha), and the step adds buffer / 2 in float32."""
+    s = FedBuffStrategy(FedBuffConfig(buffer_size=2))
+    s.initialize(torch.zeros(3))
+    s.version = 3
+    _delivery(s, 0.1, 3)
+    _delivery(s, 0.2, 0)
+    assert s.buffer is not None and s.buffer.dtype == torch.float32
+    expected = torch.full((3,), 0.1).add_(torch.full((3,), 0.2), alpha=0.5)
+    assert torch.equal(s.buffer, expected)
+    s.server_step(1)
+    assert s.params.dtype == torch.float32
+    assert torch.equal(s.params, expected / 2)
+
+
+def test_a_float64_buffer_from_an_older_checkpoint_is_resumed_as_float32():
+    s = FedBuffStrategy(FedBuffConfig(buffer_size=2))
+    s.initialize(torch.zeros(3))
+    state = s.state_dict()
+    state["buffer"], state["buffered"] = torch.full((3,), 0.5, dtype=torch.float64), 1
+    t = FedBuffStrategy(FedBuffConfig(buffer_size=2))
+    t.initialize(torch.zeros(3))
+    t.load_state_dict(state)
+    assert t.buffer is not None and t.buffer.dtype == torch.float32
+    assert _delivery(t, 1.5, 0) is True
+    t.server_step(1)
+    assert torch.equal(t.params, torch.full((3,), 1.0))  # (0.5 + 1.5) / 2
