@@ -154,7 +154,8 @@ class Contribution:
     asynchronous method's task), keeps that result's tensors as float32 copies and makes
     the float64 sums from them when :attr:`sums` is first read (exactly: float32 values
     are float64 values), so that :meth:`mean` with ``copy=False`` hands the result to a
-    strategy without the float64 round trip (about 0.1 ms per task for W3's MLP).
+    strategy without the float64 round trip (W3 with the MLP: about 0.3 ms per task,
+    0.15 s of a 1.5 s run, measured in one process).
     """
 
     __slots__ = ("_one", "_scratch", "_sums", "clients", "count", "scalar_sums", "weight")
