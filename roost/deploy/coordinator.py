@@ -870,6 +870,13 @@ class EngineCoordinator:
         if self.journal is not None:  # durable before the node hears it was accepted
             self.journal.add_result(result.task_id, delivery)
         with self._lock:
+            # cancelled while the journal wrote (its round closed, or it was declared lost):
+            # posted now, the delivery would never be taken (the engine skips the events of
+            # tasks it no longer has) and would hold one of the max_waiting_results places
+            # for good; max_waiting_results of them and no result is accepted any more. The
+            # journaled copy is never replayed: the engine consumed this task as lost.
+            if key in self._cancelled:
+                return Ack(False, f"task {result.task_id} no longer counts (its round closed)")
             self._deliveries[key] = delivery
             self._payloads.pop(key, None)
             self._tasks_of.get(node_id, set()).discard(key)
