@@ -520,8 +520,9 @@ def imports_without_gc() -> Iterator[None]:
     scanning every object torch made; ``import torch`` alone took 1.30 s with the
     collector off against 1.55 s with it on, medians of 5 on the project's machine).
     :func:`gc.freeze` then moves those objects to the permanent generation, so later full
-    collections skip them and forked worker processes do not copy their pages by writing
-    the collector's bits. Only the command line does this: a library must leave its host
+    collections skip them (and, the reason Python's documentation gives, forked worker
+    processes do not copy their pages when a collection writes to them; not measured
+    here). Only the command line does this: a library must leave its host
     program's collector alone, and :func:`main` does it once per process, when the
     modules are not imported yet (a test calling ``main`` many times freezes nothing)."""
     enabled = gc.isenabled()
